@@ -1,0 +1,25 @@
+"""lorax_fn: LoRA for JAX as a function transform.
+
+``lorafy`` rewrites a parameter pytree into frozen bases plus low-rank
+adapters; ``lora(fn)`` runs any model function on it without building dense
+weights; ``optimizer``/``split`` train only the adapters; ``merge`` folds them
+back for plain jitted inference.
+"""
+
+from .errors import (LayoutError, LoraError, MaterializationError, RankError, StructureError,
+                     TargetDtypeError, TargetError)
+from .interpret import Use
+from .lorafy import lorafy
+from .merge import adapters, attach, base, merge
+from .optim import combine, optimizer, split, trainable_mask
+from .transform import Explanation, explain, lora
+from .weight import Layout, LoraWeight, is_lora
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "Explanation", "Layout", "LayoutError", "LoraError", "LoraWeight", "MaterializationError",
+    "RankError", "StructureError", "TargetDtypeError", "TargetError", "Use", "adapters", "attach",
+    "base", "combine", "explain", "is_lora", "lora", "lorafy", "merge", "optimizer", "split",
+    "trainable_mask",
+]

@@ -1,0 +1,108 @@
+"""Between LoRA trees and dense trees: `merge`, `base`, `adapters`, `attach`."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+
+from .errors import StructureError
+from .paths import path_str
+from .weight import LoraWeight, delta, is_lora
+
+
+def merge(tree: Any) -> Any:
+    """Fold every adapter into its base: ``w + scale·a⊗b`` in ``w``'s dtype.
+
+    Args:
+      tree: a pytree with :class:`LoraWeight` nodes (other leaves pass through).
+
+    Returns:
+      The dense pytree with the original structure, shapes and dtypes; jittable.
+      With ``b = 0`` (fresh from :func:`lorafy`) it equals the original bit for bit.
+
+    Example:
+        >>> import jax.numpy as jnp, lorax_fn as lf
+        >>> p = {"w": jnp.ones((3, 2))}
+        >>> bool((lf.merge(lf.lorafy(p, rank=1))["w"] == p["w"]).all())
+        True
+    """
+    def one(x):
+        if not is_lora(x):
+            return x
+        acc = jnp.promote_types(x.dtype, jnp.float32)
+        return (x.w.astype(acc) + delta(x, acc)).astype(x.dtype)
+
+    return jax.tree.map(one, tree, is_leaf=is_lora)
+
+
+def base(tree: Any) -> Any:
+    """The frozen base: every :class:`LoraWeight` replaced by its ``w``.
+
+    Example:
+        >>> import jax.numpy as jnp, lorax_fn as lf
+        >>> lf.base(lf.lorafy({"w": jnp.ones((3, 2))}, rank=1))["w"].shape
+        (3, 2)
+    """
+    return jax.tree.map(lambda x: x.w if is_lora(x) else x, tree, is_leaf=is_lora)
+
+
+def adapters(tree: Any) -> Any:
+    """Only the adapters: ``LoraWeight(w=None, a, b)`` nodes, every other leaf ``None``.
+
+    ``jax.tree.leaves(adapters(tree))`` lists exactly the adapter arrays.
+
+    Example:
+        >>> import jax, jax.numpy as jnp, lorax_fn as lf
+        >>> ad = lf.adapters(lf.lorafy({"w": jnp.ones((3, 2)), "b": jnp.ones(2)}, rank=1))
+        >>> [x.shape for x in jax.tree.leaves(ad)]
+        [(3, 1), (1, 2)]
+    """
+    return jax.tree.map(lambda x: x.replace(w=None) if is_lora(x) else None, tree, is_leaf=is_lora)
+
+
+def attach(base_tree: Any, adapter_tree: Any) -> Any:
+    """Put adapters (from :func:`adapters`) back onto a base tree.
+
+    Args:
+      base_tree: dense params of the original structure.
+      adapter_tree: the output of :func:`adapters` for a tree of that structure.
+
+    Returns:
+      The ``LoraWeight`` tree.
+
+    Raises:
+      StructureError: the trees do not line up, or an adapter does not fit its
+        base weight's shape (the message names the path and both shapes).
+
+    Example:
+        >>> import jax.numpy as jnp, lorax_fn as lf
+        >>> p = {"w": jnp.ones((3, 2))}
+        >>> lp = lf.attach(p, lf.adapters(lf.lorafy(p, rank=1)))
+        >>> lp["w"].rank
+        1
+    """
+    is_leaf = lambda x: x is None or is_lora(x)  # noqa: E731
+    flat_a, tdef_a = jax.tree_util.tree_flatten_with_path(adapter_tree, is_leaf=is_leaf)
+    flat_b, tdef_b = jax.tree_util.tree_flatten(base_tree, is_leaf=is_leaf)
+    if len(flat_a) != len(flat_b):
+        raise StructureError(f"adapters have {len(flat_a)} leaves but the base has {len(flat_b)}: "
+                             f"{tdef_a} vs {tdef_b}")
+    out = []
+    for (kp, ad), w in zip(flat_a, flat_b):
+        if not is_lora(ad):
+            out.append(w)
+            continue
+        path = path_str(kp)
+        if is_lora(w):
+            raise StructureError(f"base leaf '{path}' already carries an adapter")
+        want = tuple(jnp.shape(w))
+        from .weight import factor_shapes
+        sa, sb = factor_shapes(want, ad.layout, ad.rank) if len(want) == len(
+            ad.layout.stack + ad.layout.inputs + ad.layout.outputs) else (None, None)
+        if sa is None or tuple(ad.a.shape) != sa or tuple(ad.b.shape) != sb:
+            raise StructureError(f"adapter at '{path}' (a {tuple(ad.a.shape)}, b {tuple(ad.b.shape)}) "
+                                 f"does not fit base shape {want}")
+        out.append(ad.replace(w=w))
+    return jax.tree_util.tree_unflatten(tdef_b, out)

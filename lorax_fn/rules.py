@@ -1,0 +1,234 @@
+"""Rules for first-order primitives that meet a lazy LoRA value.
+
+A rule takes ``(ctx, eqn, invals)`` and returns the list of output values, or
+``None`` when it cannot keep the computation low-rank; the interpreter then
+materialises. *Consuming* rules (``dot_general``, ``conv_general_dilated``,
+``gather``) return dense arrays computed as ``x·w + scale·(x·a)·b``.
+*Structural* rules return a new lazy value.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+
+from . import lazy as lz
+from .lazy import LETTERS, Lazy
+
+
+def _is_lazy(v) -> bool:
+    return isinstance(v, Lazy)
+
+
+# ------------------------------------------------------------- structural
+def _convert(ctx, eqn, invals):
+    (z,) = invals
+    dtype = eqn.params["new_dtype"]
+    if not jnp.issubdtype(dtype, jnp.inexact):
+        return None
+    return [lz.cast(z, dtype)]
+
+
+def _transpose(ctx, eqn, invals):
+    return [lz.transpose(invals[0], eqn.params["permutation"])]
+
+
+def _identity(ctx, eqn, invals):
+    return [invals[0]]
+
+
+def _reshape(ctx, eqn, invals):
+    if any(_is_lazy(v) for v in invals[1:]) or len(invals) > 1:
+        return None  # dynamic shapes
+    out = lz.reshape(invals[0], eqn.outvars[0].aval.shape)
+    return None if out is None else [out]
+
+
+def _broadcast_in_dim(ctx, eqn, invals):
+    z = invals[0]
+    shape = tuple(eqn.params["shape"])
+    dims = tuple(eqn.params["broadcast_dimensions"])
+    if len(invals) > 1 or any(shape[d] != n for d, n in zip(dims, z.shape)):
+        return None  # a real broadcast, not an expand_dims
+    if list(dims) != sorted(dims):
+        return None
+    out = lz.reshape(z, shape)
+    return None if out is None else [out]
+
+
+def _slice(ctx, eqn, invals):
+    p = eqn.params
+    out = lz.slice_stack(invals[0], p["start_indices"], p["limit_indices"], p["strides"])
+    return None if out is None else [out]
+
+
+def _dynamic_slice(ctx, eqn, invals):
+    z, *starts = invals
+    if any(_is_lazy(s) for s in starts):
+        return None
+    out = lz.dynamic_slice_stack(z, starts, tuple(eqn.params["slice_sizes"]))
+    return None if out is None else [out]
+
+
+def _sharding_constraint(ctx, eqn, invals):
+    z = invals[0]
+    p = eqn.params
+    w = eqn.primitive.bind(z.w, **p)
+    a, b = z.a, z.b
+    sharding = p.get("sharding")
+    spec = getattr(sharding, "spec", None)
+    if spec is not None and hasattr(sharding, "mesh"):
+        from jax.sharding import NamedSharding, PartitionSpec as P
+        full = tuple(spec) + (None,) * (len(z.shape) - len(spec))
+        canon = [None] * len(z.meta.axes)
+        for k, c in enumerate(z.meta.axes):
+            canon[c] = full[k]
+        m = z.meta
+        sa = P(*canon[:m.ns + m.ni], None)
+        sb = P(*canon[:m.ns], None, *canon[m.ns + m.ni:])
+        a = lax.with_sharding_constraint(a, NamedSharding(sharding.mesh, sa))
+        b = lax.with_sharding_constraint(b, NamedSharding(sharding.mesh, sb))
+    return [Lazy(w, a, b, z.meta)]
+
+
+# ------------------------------------------------------------- consuming
+def _dot_general(ctx, eqn, invals):
+    lhs, rhs = invals
+    params = eqn.params
+    if _is_lazy(lhs) and _is_lazy(rhs):
+        rhs = ctx.materialize(rhs, eqn, "both operands of dot_general are LoRA weights")
+    z_is_lhs = _is_lazy(lhs)
+    z, x = (lhs, rhs) if z_is_lhs else (rhs, lhs)
+    (lc, rc), (lb, rb) = params["dimension_numbers"]
+    zc, xc, zb, xb = (lc, rc, lb, rb) if z_is_lhs else (rc, lc, rb, lb)
+    m = z.meta
+    if any(m.role(k) != "s" for k in zb):
+        return None
+    contracted = set(zc)
+    if contracted == set(m.value_axes("i")) and contracted:
+        mode = "i"
+    elif contracted == set(m.value_axes("o")) and contracted:
+        mode = "o"
+    else:
+        return None
+    # one letter per axis of x and of z; contracted and batch pairs share a letter
+    it = iter(LETTERS)
+    xl = [next(it) for _ in range(x.ndim)]
+    zl = [None] * z.ndim
+    for kz, kx in zip(zc, xc):
+        zl[kz] = xl[kx]
+    for kz, kx in zip(zb, xb):
+        zl[kz] = xl[kx]
+    zl = [c if c is not None else next(it) for c in zl]
+    ll, rl = (zl, xl) if z_is_lhs else (xl, zl)
+    lfree = [ll[k] for k in range(len(ll)) if k not in lc and k not in lb]
+    rfree = [rl[k] for k in range(len(rl)) if k not in rc and k not in rb]
+    out = "".join([ll[k] for k in lb] + lfree + rfree)
+    sa, sb = lz.letters(m, "".join(zl))
+    first, second = (sa, sb) if mode == "i" else (sb, sa)
+    # intermediate: the letters of x that survive, z's free stack letters, then the rank
+    keep = [c for c in xl if c in out] + [c for c in first if c in out and c not in xl]
+    tl = "".join(keep) + "R"
+    f1, f2 = (z.a, z.b) if mode == "i" else (z.b, z.a)
+    prec, pet = params.get("precision"), params.get("preferred_element_type")
+    dense = eqn.primitive.bind(*((z.w, x) if z_is_lhs else (x, z.w)), **params)
+    t = jnp.einsum(f"{''.join(xl)},{first}->{tl}", x, f1, precision=prec, preferred_element_type=pet)
+    t = t * jnp.asarray(m.scale, t.dtype)
+    low = jnp.einsum(f"{tl},{second}->{out}", t, f2, precision=prec, preferred_element_type=pet)
+    return [dense + low.astype(dense.dtype)]
+
+
+def _conv(ctx, eqn, invals):
+    x, z = invals
+    p = eqn.params
+    if _is_lazy(x) or p["feature_group_count"] != 1 or p["batch_group_count"] != 1:
+        return None
+    dn = p["dimension_numbers"]
+    rhs_spec, out_spec = dn.rhs_spec, dn.out_spec
+    m = z.meta
+    if m.ns or set(m.value_axes("o")) != {rhs_spec[0]}:
+        return None
+    # a as a conv kernel with r output features (the out axis replaced by the rank)
+    perm = [m.axes[k] - m.ns if m.role(k) != "o" else m.ni for k in range(z.ndim)]
+    kernel_a = jnp.transpose(z.a, perm)
+    dense = eqn.primitive.bind(x, z.w, **p)
+    t = eqn.primitive.bind(x, kernel_a, **p)
+    f = out_spec[1]
+    t = t * jnp.asarray(m.scale, t.dtype)
+    low = jnp.moveaxis(jnp.tensordot(t, z.b, axes=((f,), (0,))), -1, f)
+    return [dense + low.astype(dense.dtype)]
+
+
+def _gather(ctx, eqn, invals):
+    z, idx = invals
+    if _is_lazy(idx):
+        return None
+    p = eqn.params
+    dn = p["dimension_numbers"]
+    if dn.operand_batching_dims or dn.start_indices_batching_dims:
+        return None
+    m = z.meta
+    indexed = set(dn.start_index_map) | set(dn.collapsed_slice_dims)
+    roles = {m.role(k) for k in indexed}
+    if len(roles) != 1 or roles == {"s"}:
+        return None
+    mode = roles.pop()
+    kept = "o" if mode == "i" else "i"
+    sizes = list(p["slice_sizes"])
+    for k in range(z.ndim):
+        if k not in indexed and sizes[k] != z.shape[k]:
+            return None
+    kept_axes = m.value_axes(kept)
+    if not kept_axes:
+        return None
+    # the indexed factor laid out like the value, kept axes squeezed to one rank axis
+    vl = LETTERS[:z.ndim]
+    sa, sb = lz.letters(m, vl)
+    fac, fspec, other, ospec = (z.a, sa, z.b, sb) if mode == "i" else (z.b, sb, z.a, sa)
+    first_kept = kept_axes[0]
+    target = "".join("R" if k == first_kept else ("" if k in kept_axes else vl[k]) for k in range(z.ndim))
+    fv = jnp.einsum(f"{fspec}->{target}", fac)
+    for k in kept_axes[1:]:
+        fv = jnp.expand_dims(fv, k)
+    new_sizes = list(sizes)
+    for k in kept_axes:
+        new_sizes[k] = fv.shape[k]
+    dense = eqn.primitive.bind(z.w, idx, **p)
+    g = eqn.primitive.bind(fv, idx, **{**p, "slice_sizes": tuple(new_sizes)})
+    # letters of the gather output: offset dims carry operand letters, batch dims fresh ones
+    it = iter(LETTERS[z.ndim:])
+    non_collapsed = [k for k in range(z.ndim) if k not in dn.collapsed_slice_dims]
+    gl, out = [], []
+    offset = {d: non_collapsed[j] for j, d in enumerate(dn.offset_dims)}
+    for d in range(g.ndim):
+        if d in offset:
+            k = offset[d]
+            out.append(vl[k])
+            gl.append("R" if k == first_kept else ("" if k in kept_axes else vl[k]))
+        else:
+            c = next(it)
+            out.append(c); gl.append(c)
+    g = g.reshape([n for n, c in zip(g.shape, gl) if c != ""])
+    gspec = "".join(gl)
+    g = g * jnp.asarray(m.scale, g.dtype)
+    low = jnp.einsum(f"{gspec},{ospec}->{''.join(out)}", g, other)
+    return [dense + low.astype(dense.dtype)]
+
+
+RULES = {
+    "convert_element_type": _convert,
+    "transpose": _transpose,
+    "copy": _identity,
+    "copy_p": _identity,
+    "reshape": _reshape,
+    "squeeze": _reshape,
+    "expand_dims": _reshape,
+    "broadcast_in_dim": _broadcast_in_dim,
+    "slice": _slice,
+    "dynamic_slice": _dynamic_slice,
+    "sharding_constraint": _sharding_constraint,
+    "dot_general": _dot_general,
+    "conv_general_dilated": _conv,
+    "gather": _gather,
+}

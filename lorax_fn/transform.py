@@ -1,0 +1,181 @@
+"""`lora(fn)` and `explain(fn, ...)`: run a function with LoRA weights kept low-rank."""
+
+from __future__ import annotations
+
+import functools
+from typing import Any, Callable
+
+import jax
+import numpy as np
+
+from . import lazy as lz
+from .interpret import Context, Use, run_closed
+from .paths import path_str
+from .weight import LoraWeight, is_lora
+
+
+def _is_array(x: Any) -> bool:
+    return isinstance(x, (jax.Array, np.ndarray, np.generic)) or hasattr(x, "__jax_array__")
+
+
+def _prepare(args, kwargs):
+    """Split the call's leaves into LoRA weights, arrays and static Python values."""
+    flat, treedef = jax.tree_util.tree_flatten_with_path((args, kwargs), is_leaf=is_lora)
+    kinds, dynamic, statics, avals, paths = [], [], [], [], []
+    for keypath, leaf in flat:
+        if isinstance(leaf, LoraWeight):
+            kinds.append("lora")
+            dynamic.append(leaf)
+            avals.append(jax.ShapeDtypeStruct(leaf.shape, leaf.dtype))
+            # drop the args/kwargs level and, for positional args, the argument index
+            paths.append(path_str(keypath[2:] if keypath[0].idx == 0 else keypath[1:]))
+        elif _is_array(leaf) or isinstance(leaf, jax.core.Tracer):
+            kinds.append("array")
+            dynamic.append(leaf)
+            avals.append(jax.ShapeDtypeStruct(np.shape(leaf), jax.numpy.result_type(leaf),
+                                              weak_type=getattr(leaf, "weak_type", False)))
+            paths.append(None)
+        else:
+            kinds.append("static")
+            statics.append(leaf)
+    return treedef, tuple(kinds), dynamic, tuple(statics), avals, paths
+
+
+def _key(treedef, kinds, statics, avals):
+    try:
+        key = (treedef, kinds, statics,
+               tuple((a.shape, str(a.dtype), a.weak_type) for a in avals))
+        hash(key)
+        return key
+    except TypeError:
+        return None
+
+
+def _trace(fn, treedef, kinds, statics, avals):
+    def flat_fn(*dyn):
+        it_d, it_s = iter(dyn), iter(statics)
+        leaves = [next(it_s) if k == "static" else next(it_d) for k in kinds]
+        args, kwargs = jax.tree_util.tree_unflatten(treedef, leaves)
+        return fn(*args, **kwargs)
+
+    closed, out_shape = jax.make_jaxpr(flat_fn, return_shape=True)(*avals)
+    return closed, jax.tree_util.tree_structure(out_shape)
+
+
+def _interpret(closed, ctx: Context, kinds, paths, dynamic):
+    invals = [lz.from_weight(x, p) if k == "lora" else x
+              for x, k, p in zip(dynamic, [k for k in kinds if k != "static"], paths)]
+    return run_closed(ctx, closed, invals, dense_outputs=True)
+
+
+def lora(fn: Callable, *, on_materialize: str = "warn") -> Callable:
+    """Transform ``fn`` so that it accepts :class:`LoraWeight` leaves wherever arrays go.
+
+    The returned function computes exactly what ``fn`` computes on the merged
+    weights ``w + scale·a⊗b``, but each LoRA weight stays factored where a rule
+    allows: a matmul becomes ``x·w + scale·(x·a)·b``, a convolution runs ``a``
+    as a kernel then ``b`` as a 1×1, an embedding lookup gathers rows of ``a``.
+    ``w`` is wrapped in ``lax.stop_gradient``: no dense weight gradient is ever
+    computed. ``jit``, ``scan``, ``cond``, ``while_loop``, ``checkpoint``,
+    ``custom_jvp``/``custom_vjp`` and ``shard_map`` inside ``fn`` are entered
+    and emitted again. The trace is cached per argument structure and shapes;
+    non-array leaves of the arguments (Python numbers, strings, flags) are
+    static and part of that cache key.
+
+    Args:
+      fn: any function of pytrees of arrays.
+      on_materialize: what to do when a LoRA weight meets an operation with no
+        low-rank rule and must be built densely (always correct): ``"allow"``,
+        ``"warn"`` (default; names the parameter path and the primitive) or
+        ``"raise"`` (:class:`~lorax_fn.MaterializationError`).
+
+    Returns:
+      A function with ``fn``'s signature and outputs.
+
+    Raises:
+      MaterializationError: under ``on_materialize="raise"``, at trace time.
+
+    Example:
+        >>> import jax, jax.numpy as jnp, lorax_fn as lf
+        >>> lp = lf.lorafy({"w": jnp.ones((3, 2))}, rank=1)
+        >>> lf.lora(lambda p, x: x @ p["w"])(lp, jnp.ones((4, 3))).shape
+        (4, 2)
+    """
+    ctx = Context(on_materialize)
+    cache: dict = {}
+
+    @functools.wraps(fn)
+    def wrapped(*args, **kwargs):
+        treedef, kinds, dynamic, statics, avals, paths = _prepare(args, kwargs)
+        key = _key(treedef, kinds, statics, avals)
+        entry = cache.get(key) if key is not None else None
+        if entry is None:
+            closed, out_tree = _trace(fn, treedef, kinds, statics, avals)
+            run = jax.jit(functools.partial(_interpret, closed, ctx, kinds, paths))
+            entry = (run, out_tree)
+            leaks = any(isinstance(c, jax.core.Tracer) for c in closed.consts)
+            if key is not None and not leaks:
+                cache[key] = entry
+        run, out_tree = entry
+        return jax.tree_util.tree_unflatten(out_tree, run(dynamic))
+
+    wrapped.cache_size = lambda: len(cache)  # type: ignore[attr-defined]
+    return wrapped
+
+
+class Explanation(tuple):
+    """The uses :func:`explain` found: a tuple of ``Use(path, primitive, low_rank, detail)``."""
+
+    @property
+    def materialized(self) -> tuple[Use, ...]:
+        """The uses that built a dense ``w + ΔW``."""
+        return tuple(u for u in self if not u.low_rank)
+
+    def by_path(self) -> dict[str, tuple[Use, ...]]:
+        """Uses grouped by parameter path."""
+        out: dict[str, list] = {}
+        for u in self:
+            out.setdefault(u.path, []).append(u)
+        return {k: tuple(v) for k, v in out.items()}
+
+    def __str__(self) -> str:
+        if not self:
+            return "no LoRA weight is used"
+        width = max(len(u.path) for u in self)
+        lines = [f"{'path':<{width}}  {'primitive':<22} computed"]
+        for u in self:
+            how = "low-rank" if u.low_rank else f"MATERIALISED ({u.detail})"
+            lines.append(f"{u.path:<{width}}  {u.primitive:<22} {how}")
+        n = len(self.materialized)
+        lines.append(f"{len(self)} uses, {n} materialised")
+        return "\n".join(lines)
+
+
+def explain(fn: Callable, *args: Any, **kwargs: Any) -> Explanation:
+    """Report how each use of each LoRA weight in ``fn(*args, **kwargs)`` is computed.
+
+    Runs :func:`lora`'s interpreter abstractly (``jax.eval_shape``: no FLOPs)
+    and lists, per parameter path, every primitive that consumed the weight and
+    whether it stayed low-rank or was materialised (and why).
+
+    Args:
+      fn: the un-transformed function, as you would pass it to :func:`lora`.
+      *args, **kwargs: its arguments, with :class:`LoraWeight` leaves.
+
+    Returns:
+      An :class:`Explanation`: a tuple of ``Use`` records; ``str()`` gives a
+      table, ``.materialized`` the uses that fell off the fast path.
+
+    Example:
+        >>> import jax.numpy as jnp, lorax_fn as lf
+        >>> lp = lf.lorafy({"w": jnp.ones((3, 2))}, rank=1)
+        >>> rep = lf.explain(lambda p, x: x @ p["w"], lp, jnp.ones((4, 3)))
+        >>> [(u.path, u.primitive, u.low_rank) for u in rep]
+        [('w', 'dot_general', True)]
+    """
+    treedef, kinds, dynamic, statics, avals, paths = _prepare(args, kwargs)
+    closed, _ = _trace(fn, treedef, kinds, statics, avals)
+    uses: list = []
+    ctx = Context("allow", record=uses)
+    jax.eval_shape(functools.partial(_interpret, closed, ctx, kinds, paths), dynamic)
+    return Explanation(uses)

@@ -6,8 +6,8 @@ weights; ``optimizer``/``split`` train only the adapters; ``merge`` folds them
 back for plain jitted inference.
 """
 
-from .errors import (LayoutError, LoraError, MaterializationError, RankError, StructureError,
-                     TargetDtypeError, TargetError)
+from .errors import (LayoutError, LoraError, MaterializationError, MaterializationWarning,
+                     RankError, StructureError, TargetDtypeError, TargetError)
 from .interpret import Use
 from .lorafy import lorafy
 from .merge import adapters, attach, base, merge
@@ -19,7 +19,7 @@ __version__ = "0.1.0"
 
 __all__ = [
     "Explanation", "Layout", "LayoutError", "LoraError", "LoraWeight", "MaterializationError",
-    "RankError", "StructureError", "TargetDtypeError", "TargetError", "Use", "adapters", "attach",
-    "base", "combine", "explain", "is_lora", "lora", "lorafy", "merge", "optimizer", "split",
-    "trainable_mask",
+    "MaterializationWarning", "RankError", "StructureError", "TargetDtypeError", "TargetError",
+    "Use", "adapters", "attach", "base", "combine", "explain", "is_lora", "lora", "lorafy",
+    "merge", "optimizer", "split", "trainable_mask",
 ]

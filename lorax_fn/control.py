@@ -14,7 +14,7 @@ import jax
 from jax import lax
 
 from . import lazy as lz
-from .interpret import run_closed
+from .interpret import bind, run_closed
 from .lazy import Lazy
 
 
@@ -100,7 +100,6 @@ def _dense_tangent(primal, tangent):
 
 def _custom_jvp(ctx, eqn, invals):
     p = eqn.params
-    prim = eqn.primitive
 
     @jax.custom_jvp
     def fn(*args):
@@ -111,7 +110,7 @@ def _custom_jvp(ctx, eqn, invals):
         # the function's own rule, applied to the dense weight and its tangent
         dense = [lz.materialize(x) if isinstance(x, Lazy) else x for x in primals]
         dts = [_dense_tangent(x, t) for x, t in zip(primals, tangents)]
-        outs, touts = jax.jvp(lambda *d: prim.bind(*d, **p), dense, dts)
+        outs, touts = jax.jvp(lambda *d: bind(eqn, *d), dense, dts)
         return outs, touts
 
     return fn(*invals)
@@ -119,10 +118,9 @@ def _custom_jvp(ctx, eqn, invals):
 
 def _custom_vjp(ctx, eqn, invals):
     p = eqn.params
-    prim = eqn.primitive
 
     def dense_call(*args):
-        return prim.bind(*[lz.materialize(x) if isinstance(x, Lazy) else x for x in args], **p)
+        return bind(eqn, *[lz.materialize(x) if isinstance(x, Lazy) else x for x in args])
 
     @jax.custom_vjp
     def fn(*args):
@@ -158,7 +156,7 @@ def _shard_map(ctx, eqn, invals):
                           P(*canon[:m.ns], None, *canon[m.ns + m.ni:]), m))
 
     def fn(*args):
-        return run_closed(ctx, p["jaxpr"], args, dense_outputs=True)
+        return tuple(run_closed(ctx, p["jaxpr"], args, dense_outputs=True))
 
     kwargs = dict(mesh=p["mesh"], in_specs=tuple(specs), out_specs=tuple(p["out_specs"]),
                   check_vma=p.get("check_vma", True))

@@ -27,3 +27,7 @@ class MaterializationError(LoraError, ValueError):
 
 class StructureError(LoraError, ValueError):
     """Two trees that must line up (base and adapters, trainable and frozen) do not."""
+
+
+class MaterializationWarning(UserWarning):
+    """A LoRA weight was built densely under ``on_materialize='warn'`` (still correct, slower)."""

@@ -17,7 +17,7 @@ from typing import Any, Callable, NamedTuple
 from jax.extend.core import Literal
 
 from . import lazy as lz
-from .errors import MaterializationError
+from .errors import MaterializationError, MaterializationWarning
 from .lazy import Lazy
 
 log = logging.getLogger("lorax_fn")
@@ -56,7 +56,7 @@ class Context:
             raise MaterializationError(msg + ". Pass on_materialize='warn' or 'allow' to accept "
                                        "this, or see lorax_fn.explain.")
         if self.policy == "warn":
-            warnings.warn(msg, stacklevel=2)
+            warnings.warn(msg, MaterializationWarning, stacklevel=2)
         log.debug(msg)
         if self.uses is not None:
             self.uses.append(Use(z.meta.path, name, False, why or "materialised"))
@@ -87,7 +87,7 @@ def eval_jaxpr(ctx: Context, jaxpr, consts, args) -> list:
         invals = [read(v) for v in eqn.invars]
         with eqn.ctx.manager:
             if not any(isinstance(x, Lazy) for x in invals):
-                outs = eqn.primitive.bind(*invals, **eqn.params)
+                outs = bind(eqn, *invals)
             else:
                 outs = _apply_rule(ctx, eqn, invals, RULES, HIGHER_ORDER)
         if not eqn.primitive.multiple_results:
@@ -108,7 +108,13 @@ def _apply_rule(ctx, eqn, invals, rules, higher):
         return outs if eqn.primitive.multiple_results else outs[0]
     why = "no low-rank rule for this primitive" if rule is None else "this use does not fit the weight's layout"
     dense = [ctx.dense(x, eqn, why) for x in invals]
-    return eqn.primitive.bind(*dense, **eqn.params)
+    return bind(eqn, *dense)
+
+
+def bind(eqn, *args, **overrides):
+    """Bind ``eqn``'s primitive again on new operands (params may be overridden)."""
+    params = {**eqn.params, **overrides}
+    return eqn.primitive.bind(*args, **eqn.primitive.get_bind_params(params))
 
 
 def jaxpr_parts(j) -> tuple[Any, list]:

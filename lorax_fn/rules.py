@@ -14,6 +14,7 @@ import jax.numpy as jnp
 from jax import lax
 
 from . import lazy as lz
+from .interpret import bind
 from .lazy import LETTERS, Lazy
 
 
@@ -74,7 +75,7 @@ def _dynamic_slice(ctx, eqn, invals):
 def _sharding_constraint(ctx, eqn, invals):
     z = invals[0]
     p = eqn.params
-    w = eqn.primitive.bind(z.w, **p)
+    w = bind(eqn, z.w)
     a, b = z.a, z.b
     sharding = p.get("sharding")
     spec = getattr(sharding, "spec", None)
@@ -132,7 +133,7 @@ def _dot_general(ctx, eqn, invals):
     tl = "".join(keep) + "R"
     f1, f2 = (z.a, z.b) if mode == "i" else (z.b, z.a)
     prec, pet = params.get("precision"), params.get("preferred_element_type")
-    dense = eqn.primitive.bind(*((z.w, x) if z_is_lhs else (x, z.w)), **params)
+    dense = bind(eqn, *((z.w, x) if z_is_lhs else (x, z.w)))
     t = jnp.einsum(f"{''.join(xl)},{first}->{tl}", x, f1, precision=prec, preferred_element_type=pet)
     t = t * jnp.asarray(m.scale, t.dtype)
     low = jnp.einsum(f"{tl},{second}->{out}", t, f2, precision=prec, preferred_element_type=pet)
@@ -152,8 +153,8 @@ def _conv(ctx, eqn, invals):
     # a as a conv kernel with r output features (the out axis replaced by the rank)
     perm = [m.axes[k] - m.ns if m.role(k) != "o" else m.ni for k in range(z.ndim)]
     kernel_a = jnp.transpose(z.a, perm)
-    dense = eqn.primitive.bind(x, z.w, **p)
-    t = eqn.primitive.bind(x, kernel_a, **p)
+    dense = bind(eqn, x, z.w)
+    t = bind(eqn, x, kernel_a)
     f = out_spec[1]
     t = t * jnp.asarray(m.scale, t.dtype)
     low = jnp.moveaxis(jnp.tensordot(t, z.b, axes=((f,), (0,))), -1, f)
@@ -194,8 +195,8 @@ def _gather(ctx, eqn, invals):
     new_sizes = list(sizes)
     for k in kept_axes:
         new_sizes[k] = fv.shape[k]
-    dense = eqn.primitive.bind(z.w, idx, **p)
-    g = eqn.primitive.bind(fv, idx, **{**p, "slice_sizes": tuple(new_sizes)})
+    dense = bind(eqn, z.w, idx)
+    g = bind(eqn, fv, idx, slice_sizes=tuple(new_sizes))
     # letters of the gather output: offset dims carry operand letters, batch dims fresh ones
     it = iter(LETTERS[z.ndim:])
     non_collapsed = [k for k in range(z.ndim) if k not in dn.collapsed_slice_dims]

@@ -5,6 +5,7 @@ from __future__ import annotations
 import difflib
 import math
 import re
+import warnings
 from typing import Any, Callable, Mapping, Sequence, Union
 
 import jax
@@ -112,7 +113,9 @@ def lorafy(
     Raises:
       TargetError: ``targets`` matched nothing (the message lists near paths).
       TargetDtypeError: a target is not a floating-point array.
-      RankError: ``rank`` is not positive or exceeds ``min(prod(in), prod(out))``.
+      RankError: ``rank`` is not positive or exceeds ``min(prod(in), prod(out))``
+        of an explicit target (default targets that small are left dense, with a
+        warning naming them).
       LayoutError: a layout does not fit its weight's shape.
 
     Example:
@@ -133,7 +136,7 @@ def lorafy(
     want, skip = _matcher(targets), _matcher(exclude)
     seen = infer.observe(fn, params, is_leaf=is_lora) if fn is not None else None
 
-    chosen = []
+    chosen, too_small = [], []
     for i, (path, leaf) in enumerate(flat):
         if is_lora(leaf) or (skip is not None and skip(path, leaf)):
             continue
@@ -160,19 +163,26 @@ def lorafy(
                                   "two axes (one 'in', one 'out')")
             lay = default_layout(leaf.ndim)
         lay = lay.check(tuple(leaf.shape), path)
-        chosen.append((i, path, leaf, lay))
+        fan_in = math.prod(leaf.shape[k] for k in lay.inputs)
+        fan_out = math.prod(leaf.shape[k] for k in lay.outputs)
+        if rank > min(fan_in, fan_out):
+            msg = (f"rank {rank} exceeds the factorised dims of '{path}' (shape "
+                   f"{tuple(leaf.shape)}: in {fan_in}, out {fan_out})")
+            if want is not None:
+                raise RankError(msg)
+            too_small.append(msg)
+            continue
+        chosen.append((i, path, leaf, lay, fan_in))
 
     if want is not None and not chosen:
         raise TargetError(f"targets={targets!r} matched no adaptable leaf; nearest paths: "
                           f"{_nearest(targets, paths)}")
 
+    if too_small:
+        warnings.warn("lorafy left these default targets dense: " + "; ".join(too_small)
+                      + ". Pass `targets` to choose leaves explicitly.", stacklevel=2)
     new = [leaf for _, leaf in flat]
-    for n, (i, path, leaf, lay) in enumerate(chosen):
-        fan_in = math.prod(leaf.shape[k] for k in lay.inputs)
-        fan_out = math.prod(leaf.shape[k] for k in lay.outputs)
-        if rank > min(fan_in, fan_out):
-            raise RankError(f"rank {rank} exceeds the factorised dims of '{path}' (shape "
-                            f"{tuple(leaf.shape)}: in {fan_in}, out {fan_out})")
+    for n, (i, path, leaf, lay, fan_in) in enumerate(chosen):
         sa, sb = factor_shapes(tuple(leaf.shape), lay, rank)
         a, b = _init_factors(jax.random.fold_in(key, n), sa, sb, fan_in, rank, leaf.dtype, init)
         new[i] = LoraWeight(leaf, a, b, rank=rank, alpha=alpha, layout=lay,

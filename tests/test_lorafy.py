@@ -1,0 +1,181 @@
+"""lorafy: targets, default rule, inferred layouts, init statistics and bad input."""
+
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from hypothesis import given, settings, strategies as st
+
+import lorax_fn as lf
+
+
+def _params():
+    k = jax.random.split(jax.random.key(0), 4)
+    return {
+        "encoder": {"dense": {"kernel": jax.random.normal(k[0], (8, 16)), "bias": jnp.zeros(16)},
+                    "layers": [{"kernel": jax.random.normal(k[1], (16, 16))}]},
+        "head": {"kernel": jax.random.normal(k[2], (16, 4)), "step": jnp.zeros((3, 3), jnp.int32)},
+    }
+
+
+def _targets(lp):
+    flat = jax.tree_util.tree_flatten_with_path(lp, is_leaf=lf.is_lora)[0]
+    return sorted("/".join(str(getattr(k, "key", getattr(k, "idx", k))) for k in p)
+                  for p, x in flat if lf.is_lora(x))
+
+
+def test_default_targets_every_float_leaf_of_ndim_2():
+    assert _targets(lf.lorafy(_params(), rank=4)) == ["encoder/dense/kernel", "encoder/layers/0/kernel",
+                                                        "head/kernel"]
+
+
+def test_default_targets_too_small_for_the_rank_stay_dense_with_a_warning():
+    with pytest.warns(UserWarning, match="'head/kernel'"):
+        lp = lf.lorafy(_params(), rank=8)
+    assert _targets(lp) == ["encoder/dense/kernel", "encoder/layers/0/kernel"]
+
+
+@pytest.mark.parametrize("targets, expected", [
+    (".*dense/kernel", ["encoder/dense/kernel"]),
+    ([".*layers/0/kernel", "head/kernel"], ["encoder/layers/0/kernel", "head/kernel"]),
+    (lambda path, x: path.startswith("head") and x.dtype == jnp.float32, ["head/kernel"]),
+])
+def test_targets_forms(targets, expected):
+    assert _targets(lf.lorafy(_params(), rank=2, targets=targets)) == expected
+
+
+def test_exclude():
+    assert _targets(lf.lorafy(_params(), rank=4, exclude="head/.*")) == ["encoder/dense/kernel",
+                                                                 "encoder/layers/0/kernel"]
+
+
+def test_targets_fullmatch_not_search():
+    with pytest.raises(lf.TargetError):
+        lf.lorafy(_params(), targets="kernel")
+
+
+def test_targets_matching_nothing_lists_nearest_paths():
+    with pytest.raises(lf.TargetError, match="nearest paths: .*'encoder/dense/kernel'"):
+        lf.lorafy(_params(), targets="encoder/dense/kernal")
+
+
+def test_non_float_target_is_a_type_error():
+    with pytest.raises(lf.TargetDtypeError, match="'head/step'") as info:
+        lf.lorafy(_params(), rank=2, targets="head/.*")
+    assert isinstance(info.value, TypeError) and isinstance(info.value, lf.LoraError)
+
+
+def test_rank_larger_than_dims():
+    with pytest.raises(lf.RankError, match="'head/kernel'.*in 16, out 4"):
+        lf.lorafy(_params(), rank=5, targets="head/kernel")
+    with pytest.raises(lf.RankError):
+        lf.lorafy(_params(), rank=0)
+
+
+def test_layout_that_does_not_fit():
+    with pytest.raises(lf.LayoutError, match="'head/kernel'"):
+        lf.lorafy(_params(), targets="head/kernel", layout=((), (0,), (2,)))
+    with pytest.raises(lf.LayoutError, match="exactly once"):
+        lf.lorafy(_params(), targets="head/kernel", layout=((), (0,), (0,)))
+    with pytest.raises(lf.LayoutError, match="at least one"):
+        lf.lorafy(_params(), targets="head/kernel", layout=((0,), (1,), ()))
+
+
+def test_one_dimensional_target_is_rejected():
+    with pytest.raises(lf.LayoutError, match="'encoder/dense/bias'"):
+        lf.lorafy(_params(), targets="encoder/dense/bias")
+
+
+def test_integer_keys_and_attributes_in_paths():
+    class Box:  # an object registered with attribute keys, as Equinox modules are
+        def __init__(self, w):
+            self.w = w
+
+    jax.tree_util.register_pytree_with_keys(
+        Box, lambda b: (((jax.tree_util.GetAttrKey("w"), b.w),), None), lambda _, c: Box(*c))
+    tree = {"layers": {0: Box(jnp.ones((4, 3))), 1: Box(jnp.ones((4, 3)))}}
+    lp = lf.lorafy(tree, rank=2, targets="layers/1/w")
+    assert lf.is_lora(lp["layers"][1].w) and not lf.is_lora(lp["layers"][0].w)
+
+
+def test_merge_at_init_is_bit_identical_and_keeps_dtypes():
+    p = jax.tree.map(lambda x: x.astype(jnp.bfloat16) if x.dtype == jnp.float32 else x, _params())
+    merged = lf.merge(lf.lorafy(p, rank=2, key=jax.random.key(7)))
+    assert jax.tree.structure(merged) == jax.tree.structure(p)
+    for x, y in zip(jax.tree.leaves(merged), jax.tree.leaves(p)):
+        assert x.dtype == y.dtype and x.shape == y.shape
+        np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
+
+
+def test_kaiming_init_matches_peft_bounds():
+    w = jnp.zeros((400, 300))
+    lw = lf.lorafy({"w": w}, rank=16, key=jax.random.key(3))["w"]
+    bound = 1 / math.sqrt(400)
+    a = np.asarray(lw.a)
+    assert a.shape == (400, 16) and np.all(np.abs(a) <= bound)
+    # a uniform draw fills its range: max near the bound, variance bound²/3
+    assert np.abs(a).max() > 0.99 * bound
+    assert abs(a.var() - bound**2 / 3) < 0.05 * bound**2 / 3
+    assert not np.any(np.asarray(lw.b)) and lw.b.shape == (16, 300)
+
+
+def test_gaussian_init():
+    lw = lf.lorafy({"w": jnp.zeros((500, 200))}, rank=10, init="gaussian")["w"]
+    assert abs(float(jnp.std(lw.a)) - 0.1) < 0.01
+    with pytest.raises(ValueError, match="init"):
+        lf.lorafy({"w": jnp.zeros((5, 5))}, init="svd")
+
+
+def test_alpha_default_and_rslora_scale():
+    lw = lf.lorafy({"w": jnp.zeros((8, 8))}, rank=4)["w"]
+    assert lw.alpha == 4 and lw.scale == 1.0
+    assert lf.lorafy({"w": jnp.zeros((8, 8))}, rank=4, alpha=8, rslora=True)["w"].scale == 4.0
+
+
+def test_already_lorafied_leaves_are_kept():
+    lp = lf.lorafy(_params(), rank=4, targets="head/kernel")
+    again = lf.lorafy(lp, rank=4)
+    assert again["head"]["kernel"] is lp["head"]["kernel"] or np.array_equal(
+        again["head"]["kernel"].a, lp["head"]["kernel"].a)
+    assert len(_targets(again)) == 3
+
+
+def test_fn_infers_layouts_of_real_uses():
+    p = {"qkv": jnp.ones((3, 8, 4)), "proj": jnp.ones((6, 8)), "experts": jnp.ones((5, 8, 6)),
+         "scanned": jnp.ones((2, 8, 8)), "bias_stack": jnp.ones((2, 8)), "emb": jnp.ones((11, 8))}
+
+    def f(p, x, ids):
+        h = p["emb"][ids] + x                                   # row lookup: in = vocab
+        q = jnp.einsum("be,hed->bhd", h, p["qkv"])              # input axis in the middle
+        y = h @ p["proj"].T                                      # stored (out, in)
+        z = jnp.einsum("xbe,xeo->xbo", jnp.stack([h] * 5), p["experts"])  # experts as a batch axis
+        c, _ = jax.lax.scan(lambda c, wb: (c @ wb[0] + wb[1], None), h, (p["scanned"], p["bias_stack"]))
+        return q.sum() + y.sum() + z.sum() + c.sum() + (c @ p["emb"].T).sum()
+
+    x, ids = jnp.ones((2, 8)), jnp.array([1, 2])
+    lp = lf.lorafy(p, rank=2, fn=lambda q: f(q, x, ids))
+    lay = {k: v.layout for k, v in lp.items() if lf.is_lora(v)}
+    assert lay["qkv"] == lf.Layout((), (1,), (0, 2))
+    assert lay["proj"] == lf.Layout((), (1,), (0,))
+    assert lay["experts"] == lf.Layout((0,), (1,), (2,))
+    assert lay["scanned"] == lf.Layout((0,), (1,), (2,))
+    assert lay["emb"] == lf.Layout((), (0,), (1,))       # tied: the lookup's layout wins
+    assert "bias_stack" not in lay                        # never contracted: left alone
+    rep = lf.explain(f, lp, x, ids)
+    assert not rep.materialized, str(rep)
+
+
+@settings(max_examples=30, deadline=None)
+@given(st.lists(st.integers(1, 6), min_size=2, max_size=4), st.integers(1, 3))
+def test_factor_shapes_follow_default_rule(shape, rank):
+    shape = tuple(shape)
+    fan_in, fan_out = math.prod(shape[:-1]), shape[-1]
+    if rank > min(fan_in, fan_out):
+        with pytest.raises(lf.RankError):
+            lf.lorafy({"w": jnp.zeros(shape)}, rank=rank, targets="w")
+        return
+    lw = lf.lorafy({"w": jnp.zeros(shape)}, rank=rank)["w"]
+    assert lw.a.shape == shape[:-1] + (rank,) and lw.b.shape == (rank, shape[-1])
+    assert lw.shape == shape and lw.dtype == jnp.float32

@@ -1,0 +1,79 @@
+"""merge, base, adapters, attach, and the LoraWeight node itself."""
+
+import chex
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from hypothesis import given, settings, strategies as st
+
+import lorax_fn as lf
+
+
+def _random_b(lp, seed=0):
+    key = jax.random.key(seed)
+    return jax.tree.map(lambda l: l.replace(b=jax.random.normal(key, l.b.shape, l.b.dtype))
+                        if lf.is_lora(l) else l, lp, is_leaf=lf.is_lora)
+
+
+@settings(max_examples=20, deadline=None)
+@given(st.integers(0, 1000), st.sampled_from([(6, 4), (3, 5, 4), (2, 3, 4, 5)]), st.integers(1, 3))
+def test_merge_is_w_plus_scaled_product(seed, shape, rank):
+    rng = np.random.default_rng(seed)
+    w = rng.standard_normal(shape).astype(np.float32)
+    lw = _random_b(lf.lorafy({"w": jnp.asarray(w)}, rank=rank, alpha=5.0, key=jax.random.key(seed)),
+                   seed)["w"]
+    a = np.asarray(lw.a, np.float64).reshape(-1, rank)
+    b = np.asarray(lw.b, np.float64)
+    want = w + (5.0 / rank) * (a @ b).reshape(shape)
+    np.testing.assert_allclose(lf.merge({"w": lw})["w"], want, rtol=1e-5, atol=1e-5)
+
+
+def test_merge_respects_layout_and_stack_axes():
+    w = jnp.asarray(np.random.default_rng(0).standard_normal((3, 4, 5)), jnp.float32)
+    lw = _random_b(lf.lorafy({"w": w}, rank=2, layout=((2,), (0,), (1,))))["w"]
+    assert lw.a.shape == (5, 3, 2) and lw.b.shape == (5, 2, 4)
+    a, b = np.asarray(lw.a), np.asarray(lw.b)
+    want = np.asarray(w).copy()
+    for s in range(5):
+        want[:, :, s] += lw.scale * a[s] @ b[s]
+    np.testing.assert_allclose(lf.merge(lw), want, rtol=1e-5, atol=1e-5)
+
+
+def test_merge_is_jittable_and_keeps_dtype():
+    p = {"w": jnp.ones((8, 4), jnp.bfloat16), "n": jnp.arange(3)}
+    lp = _random_b(lf.lorafy(p, rank=2))
+    m = jax.jit(lf.merge)(lp)
+    assert m["w"].dtype == jnp.bfloat16 and m["n"].dtype == p["n"].dtype
+    chex.assert_trees_all_close(m, lf.merge(lp))
+
+
+def test_base_adapters_attach_round_trip():
+    p = {"a": {"kernel": jnp.ones((6, 4)), "bias": jnp.zeros(4)}, "b": [jnp.ones((4, 4))]}
+    lp = _random_b(lf.lorafy(p, rank=2))
+    chex.assert_trees_all_equal(lf.base(lp), p)
+    ad = lf.adapters(lp)
+    assert all(x.shape in {(6, 2), (2, 4), (4, 2)} for x in jax.tree.leaves(ad))
+    again = lf.attach(p, ad)
+    chex.assert_trees_all_equal(again, lp)
+
+
+def test_attach_onto_a_wrong_base_names_path_and_shapes():
+    p = {"layer": {"kernel": jnp.ones((6, 4))}}
+    ad = lf.adapters(lf.lorafy(p, rank=2))
+    with pytest.raises(lf.StructureError, match=r"'layer/kernel'.*\(6, 2\).*\(7, 4\)"):
+        lf.attach({"layer": {"kernel": jnp.ones((7, 4))}}, ad)
+    with pytest.raises(lf.StructureError):
+        lf.attach({"layer": {"kernel": jnp.ones((6, 4))}, "extra": jnp.ones(3)}, ad)
+
+
+def test_lora_weight_is_array_like_and_readable():
+    lw = lf.lorafy({"w": jnp.ones((2, 6, 4))}, rank=3, alpha=6, layout=((0,), (1,), (2,)))["w"]
+    assert lw.shape == (2, 6, 4) and lw.dtype == jnp.float32 and lw.ndim == 3 and lw.size == 48
+    assert repr(lw) == ("LoraWeight(shape=(2, 6, 4), dtype=float32, rank=3, alpha=6, stack=(0,), "
+                        "in=(1,), out=(2,))")
+    leaves, treedef = jax.tree.flatten(lw)
+    assert [x.shape for x in leaves] == [(2, 6, 4), (2, 6, 3), (2, 3, 4)]
+    assert jax.tree.unflatten(treedef, leaves).layout == lw.layout
+    paths = [jax.tree_util.keystr(k) for k, _ in jax.tree_util.tree_flatten_with_path(lw)[0]]
+    assert paths == [".w", ".a", ".b"]

@@ -1,0 +1,110 @@
+"""Adapter-only training: the frozen side never moves and holds no optimizer state."""
+
+import chex
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+import lorax_fn as lf
+
+
+class MLP(nn.Module):
+    @nn.compact
+    def __call__(self, x):
+        x = nn.relu(nn.Dense(32)(x))
+        return nn.Dense(3)(x)
+
+
+def _task():
+    kx, kp, kt = jax.random.split(jax.random.key(0), 3)
+    x = jax.random.normal(kx, (64, 8))
+    # the target is a different random network: the base model is wrong and must adapt
+    y = MLP().apply(MLP().init(kt, x), x)
+    params = MLP().init(kp, x)["params"]
+    return params, x, y
+
+
+def _train_mask_style(lp, x, y, steps=20, trainable=None):
+    apply = lf.lora(lambda p, x: MLP().apply({"params": p}, x), on_materialize="raise")
+    tx = lf.optimizer(optax.adam(3e-2), lp, trainable=trainable)
+    state = tx.init(lp)
+
+    @jax.jit
+    def step(lp, state):
+        loss, g = jax.value_and_grad(lambda p: jnp.mean((apply(p, x) - y) ** 2))(lp)
+        updates, state = tx.update(g, state, lp)
+        return optax.apply_updates(lp, updates), state, loss
+
+    losses = []
+    for _ in range(steps):
+        lp, state, loss = step(lp, state)
+        losses.append(float(loss))
+    return lp, state, losses
+
+
+def test_training_moves_only_adapters():
+    params, x, y = _task()
+    lp = lf.lorafy(params, rank=2, key=jax.random.key(1))
+    out, state, losses = _train_mask_style(lp, x, y)
+    assert losses[-1] < 0.7 * losses[0], losses
+    # frozen: every base weight and every non-LoRA leaf, bit for bit
+    chex.assert_trees_all_equal(lf.base(out), params)
+    moved = jax.tree.map(lambda a, b: bool(jnp.any(a != b)), lf.adapters(out), lf.adapters(lp))
+    assert all(jax.tree.leaves(moved))
+    # the optimizer state holds arrays for a and b only (Adam: mu and nu) plus step counts
+    n_adapter = len(jax.tree.leaves(lf.adapters(lp)))
+    state_arrays = [s for s in jax.tree.leaves(state) if getattr(s, "ndim", 0) > 0]
+    assert len(state_arrays) == 2 * n_adapter
+    want = {s.shape for s in jax.tree.leaves(lf.adapters(lp))}
+    assert {s.shape for s in state_arrays} == want
+
+
+def test_extra_trainable_leaves():
+    params, x, y = _task()
+    lp = lf.lorafy(params, rank=2)
+    out, _, _ = _train_mask_style(lp, x, y, steps=3, trainable=".*bias")
+    assert not np.array_equal(out["Dense_0"]["bias"], params["Dense_0"]["bias"])
+    chex.assert_trees_all_equal(out["Dense_0"]["kernel"].w, params["Dense_0"]["kernel"])
+
+
+def test_split_combine_style_gives_the_same_adapters():
+    params, x, y = _task()
+    lp = lf.lorafy(params, rank=2, key=jax.random.key(1))
+    ref, _, _ = _train_mask_style(lp, x, y)
+    apply = lf.lora(lambda p, x: MLP().apply({"params": p}, x), on_materialize="raise")
+    train, frozen = lf.split(lp)
+    tx = optax.adam(3e-2)
+    state = tx.init(train)
+
+    @jax.jit
+    def step(train, state):
+        g = jax.grad(lambda t: jnp.mean((apply(lf.combine(t, frozen), x) - y) ** 2))(train)
+        updates, state = tx.update(g, state, train)
+        return optax.apply_updates(train, updates), state
+
+    for _ in range(20):
+        train, state = step(train, state)
+    chex.assert_trees_all_close(lf.adapters(lf.combine(train, frozen)), lf.adapters(ref),
+                                rtol=1e-5, atol=1e-6)
+
+
+def test_trainable_mask_and_split_shapes():
+    params, _, _ = _task()
+    lp = lf.lorafy(params, rank=2)
+    mask = lf.trainable_mask(lp)
+    assert jax.tree.structure(mask) == jax.tree.structure(lp)
+    n_true = sum(jax.tree.leaves(mask))
+    assert n_true == 4  # a and b of two kernels
+    train, frozen = lf.split(lp)
+    assert len(jax.tree.leaves(train)) == 4 and len(jax.tree.leaves(frozen)) == 4
+    chex.assert_trees_all_equal(lf.combine(train, frozen), lp)
+
+
+def test_optimizer_refuses_another_structure():
+    params, _, _ = _task()
+    tx = lf.optimizer(optax.sgd(0.1), lf.lorafy(params, rank=2))
+    with pytest.raises(lf.StructureError):
+        tx.init(params)

@@ -17,6 +17,7 @@ import jax
 import jax.numpy as jnp
 from jax.extend.core import Literal
 
+from .lazy import reshape_runs
 from .weight import Layout, default_layout
 
 
@@ -72,22 +73,19 @@ def _axes(t: Track, ks) -> frozenset:
     return frozenset().union(*(t.axmap[k] for k in ks)) if ks else frozenset()
 
 
-def _reshape_track(t: Track, old, new):
-    # map each new axis to the leaf axes of the old axes it overlaps (row-major runs)
-    import numpy as np
-
-    oc = np.cumsum([1] + list(old))
-    nc = np.cumsum([1] + list(new))
-    axmap = []
-    for j in range(len(new)):
-        lo, hi = nc[j], nc[j + 1]
-        ks = [k for k in range(len(old)) if oc[k] < hi and oc[k + 1] > lo and old[k] != 1]
-        if new[j] == 1:
-            ks = []
-        axmap.append(_axes(t, ks))
-    gone = _axes(t, [k for k in range(len(old)) if old[k] == 1])
-    return t._replace(axmap=tuple(axmap), stacked=t.stacked | (gone - frozenset().union(*axmap)
-                                                                    if axmap else gone))
+def _reshape_track(t: Track, old, new) -> Track | None:
+    """Follow a reshape: each new axis stands for the old axes of its row-major run."""
+    keep = [k for k, n in enumerate(old) if n != 1]
+    blocks = reshape_runs([old[k] for k in keep], tuple(new))
+    if blocks is None:
+        return None
+    axmap = [frozenset()] * len(new)
+    for po, pn in blocks:
+        for j in pn:
+            axmap[j] = _axes(t, [keep[i] for i in po])
+    # a size-1 axis squeezed away was sliced out of a stack (``params[i]``)
+    gone = _axes(t, [k for k, n in enumerate(old) if n == 1])
+    return t._replace(axmap=tuple(axmap), stacked=t.stacked | gone)
 
 
 def _step(eqn, ins, seen):

@@ -143,7 +143,7 @@ def _drop_units(z: Lazy) -> Lazy:
     return Lazy(w, a, b, Meta(m.scale, axes, ns, ni, no, m.path))
 
 
-def _blocks(old, new):
+def reshape_runs(old, new):
     """Pair runs of ``old`` axes with runs of ``new`` axes of equal product (no 1s in old)."""
     nj = [k for k, n in enumerate(new) if n != 1]
     blocks, p, q = [], 0, 0
@@ -168,7 +168,7 @@ def reshape(z: Lazy, new_shape) -> Lazy | None:
     new_shape = tuple(int(n) for n in new_shape)
     z = _drop_units(z)
     m, old = z.meta, tuple(z.w.shape)
-    blocks = _blocks(old, new_shape)
+    blocks = reshape_runs(old, new_shape)
     if not blocks:
         return None
     # a new size-1 axis joins the block whose span holds it, else the one before it

@@ -141,7 +141,7 @@ class Explanation(tuple):
     def __str__(self) -> str:
         if not self:
             return "no LoRA weight is used"
-        width = max(len(u.path) for u in self)
+        width = max([len("path")] + [len(u.path) for u in self])
         lines = [f"{'path':<{width}}  {'primitive':<22} computed"]
         for u in self:
             how = "low-rank" if u.low_rank else f"MATERIALISED ({u.detail})"

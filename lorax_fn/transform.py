@@ -20,25 +20,35 @@ def _is_array(x: Any) -> bool:
 
 def _prepare(args, kwargs):
     """Split the call's leaves into LoRA weights, arrays and static Python values."""
-    flat, treedef = jax.tree_util.tree_flatten_with_path((args, kwargs), is_leaf=is_lora)
-    kinds, dynamic, statics, avals, paths = [], [], [], [], []
-    for keypath, leaf in flat:
+    flat, treedef = jax.tree_util.tree_flatten((args, kwargs), is_leaf=is_lora)
+    kinds, dynamic, statics, avals = [], [], [], []
+    for leaf in flat:
         if isinstance(leaf, LoraWeight):
             kinds.append("lora")
             dynamic.append(leaf)
             avals.append(jax.ShapeDtypeStruct(leaf.shape, leaf.dtype))
-            # drop the args/kwargs level and, for positional args, the argument index
-            paths.append(path_str(keypath[2:] if keypath[0].idx == 0 else keypath[1:]))
         elif _is_array(leaf) or isinstance(leaf, jax.core.Tracer):
             kinds.append("array")
             dynamic.append(leaf)
             avals.append(jax.ShapeDtypeStruct(np.shape(leaf), jax.numpy.result_type(leaf),
                                               weak_type=getattr(leaf, "weak_type", False)))
-            paths.append(None)
         else:
             kinds.append("static")
             statics.append(leaf)
-    return treedef, tuple(kinds), dynamic, tuple(statics), avals, paths
+    return treedef, tuple(kinds), dynamic, tuple(statics), avals
+
+
+def _paths(args, kwargs) -> list:
+    """Parameter path of every dynamic leaf (None for plain arrays), relative to its argument."""
+    flat = jax.tree_util.tree_flatten_with_path((args, kwargs), is_leaf=is_lora)[0]
+    out = []
+    for keypath, leaf in flat:
+        if isinstance(leaf, LoraWeight):
+            # drop the args/kwargs level and, for positional args, the argument index
+            out.append(path_str(keypath[2:] if keypath[0].idx == 0 else keypath[1:]))
+        elif _is_array(leaf) or isinstance(leaf, jax.core.Tracer):
+            out.append(None)
+    return out
 
 
 def _key(treedef, kinds, statics, avals):
@@ -106,12 +116,12 @@ def lora(fn: Callable, *, on_materialize: str = "warn") -> Callable:
 
     @functools.wraps(fn)
     def wrapped(*args, **kwargs):
-        treedef, kinds, dynamic, statics, avals, paths = _prepare(args, kwargs)
+        treedef, kinds, dynamic, statics, avals = _prepare(args, kwargs)
         key = _key(treedef, kinds, statics, avals)
         entry = cache.get(key) if key is not None else None
         if entry is None:
             closed, out_tree = _trace(fn, treedef, kinds, statics, avals)
-            run = jax.jit(functools.partial(_interpret, closed, ctx, kinds, paths))
+            run = jax.jit(functools.partial(_interpret, closed, ctx, kinds, _paths(args, kwargs)))
             entry = (run, out_tree)
             leaks = any(isinstance(c, jax.core.Tracer) for c in closed.consts)
             if key is not None and not leaks:
@@ -173,9 +183,9 @@ def explain(fn: Callable, *args: Any, **kwargs: Any) -> Explanation:
         >>> [(u.path, u.primitive, u.low_rank) for u in rep]
         [('w', 'dot_general', True)]
     """
-    treedef, kinds, dynamic, statics, avals, paths = _prepare(args, kwargs)
+    treedef, kinds, dynamic, statics, avals = _prepare(args, kwargs)
     closed, _ = _trace(fn, treedef, kinds, statics, avals)
     uses: list = []
     ctx = Context("allow", record=uses)
-    jax.eval_shape(functools.partial(_interpret, closed, ctx, kinds, paths), dynamic)
+    jax.eval_shape(functools.partial(_interpret, closed, ctx, kinds, _paths(args, kwargs)), dynamic)
     return Explanation(uses)

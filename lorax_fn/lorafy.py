@@ -78,6 +78,7 @@ def lorafy(
     init: str = "kaiming",
     layout: LayoutSpec = None,
     rslora: bool = False,
+    dtype: Any = None,
 ) -> Any:
     """Replace target weights of ``params`` by :class:`LoraWeight` (frozen base + ``a``, ``b``).
 
@@ -105,6 +106,9 @@ def lorafy(
         ``(stack, in, out)`` tuple) for every target, a ``{regex: layout}`` dict,
         or ``layout(path, leaf)`` returning one or ``None``.
       rslora: use the rsLoRA scale ``alpha / sqrt(r)``.
+      dtype: dtype of ``a`` and ``b`` (default: the base weight's). Pass
+        ``jnp.float32`` to train float32 adapters on a bfloat16 base, as PEFT's
+        ``autocast_adapter_dtype`` does; ``merge`` still returns the base dtype.
 
     Returns:
       A pytree of ``params``'s structure with ``LoraWeight`` nodes at the targets.
@@ -184,7 +188,8 @@ def lorafy(
     new = [leaf for _, leaf in flat]
     for n, (i, path, leaf, lay, fan_in) in enumerate(chosen):
         sa, sb = factor_shapes(tuple(leaf.shape), lay, rank)
-        a, b = _init_factors(jax.random.fold_in(key, n), sa, sb, fan_in, rank, leaf.dtype, init)
+        a, b = _init_factors(jax.random.fold_in(key, n), sa, sb, fan_in, rank,
+                             leaf.dtype if dtype is None else dtype, init)
         new[i] = LoraWeight(leaf, a, b, rank=rank, alpha=alpha, layout=lay,
                             variant="rslora" if rslora else "lora")
     return jax.tree_util.tree_unflatten(treedef, new)

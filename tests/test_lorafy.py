@@ -179,3 +179,20 @@ def test_factor_shapes_follow_default_rule(shape, rank):
     lw = lf.lorafy({"w": jnp.zeros(shape)}, rank=rank)["w"]
     assert lw.a.shape == shape[:-1] + (rank,) and lw.b.shape == (rank, shape[-1])
     assert lw.shape == shape and lw.dtype == jnp.float32
+
+
+def test_float32_adapters_on_a_bfloat16_base():
+    k = jax.random.split(jax.random.key(5), 3)
+    w = jax.random.normal(k[0], (32, 16)).astype(jnp.bfloat16)
+    x = jax.random.normal(k[1], (4, 32)).astype(jnp.bfloat16)
+    lw = lf.lorafy({"w": w}, rank=4, alpha=8, dtype=jnp.float32)["w"]
+    lw = lw.replace(b=jax.random.normal(k[2], lw.b.shape))
+    assert lw.a.dtype == jnp.float32 and lw.b.dtype == jnp.float32 and lw.dtype == jnp.bfloat16
+    out = lf.lora(lambda p, x: x @ p, on_materialize="raise")(lw, x)
+    # reference in float32 from the raw factors
+    ref = np.asarray(x, np.float32) @ (np.asarray(w, np.float32) + 2.0 * np.asarray(lw.a) @ np.asarray(lw.b))
+    assert out.dtype == jnp.bfloat16
+    np.testing.assert_allclose(np.asarray(out, np.float32), ref, rtol=3e-2, atol=3e-2 * np.abs(ref).max())
+    g = jax.grad(lambda p: lf.lora(lambda p, x: x @ p)(p, x).astype(jnp.float32).sum())(lw)
+    assert g.a.dtype == jnp.float32 and g.b.dtype == jnp.float32
+    assert lf.merge(lw).dtype == jnp.bfloat16

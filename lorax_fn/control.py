@@ -98,6 +98,9 @@ def _dense_tangent(primal, tangent):
     return jax.jvp(lz.materialize, (primal,), (tangent,))[1]
 
 
+_CUSTOM_WHY = "the function's own derivative rule needs the dense weight"
+
+
 def _custom_jvp(ctx, eqn, invals):
     p = eqn.params
 
@@ -108,7 +111,7 @@ def _custom_jvp(ctx, eqn, invals):
     @fn.defjvp
     def fn_jvp(primals, tangents):
         # the function's own rule, applied to the dense weight and its tangent
-        dense = [lz.materialize(x) if isinstance(x, Lazy) else x for x in primals]
+        dense = [ctx.dense(x, eqn, _CUSTOM_WHY) for x in primals]
         dts = [_dense_tangent(x, t) for x, t in zip(primals, tangents)]
         outs, touts = jax.jvp(lambda *d: bind(eqn, *d), dense, dts)
         return outs, touts
@@ -120,7 +123,7 @@ def _custom_vjp(ctx, eqn, invals):
     p = eqn.params
 
     def dense_call(*args):
-        return bind(eqn, *[lz.materialize(x) if isinstance(x, Lazy) else x for x in args])
+        return bind(eqn, *[ctx.dense(x, eqn, _CUSTOM_WHY) for x in args])
 
     @jax.custom_vjp
     def fn(*args):

@@ -66,7 +66,8 @@ def _observe(seen, t: Track, inputs, stack=frozenset()):
     stack = frozenset(stack) | t.stacked
     inputs = frozenset(inputs) - stack
     outputs = all_axes - inputs - stack
-    seen.setdefault(t.leaf, []).append(Seen(stack, inputs, outputs))
+    if inputs and outputs:  # else an activation derived from the weight (a looked-up row)
+        seen.setdefault(t.leaf, []).append(Seen(stack, inputs, outputs))
 
 
 def _axes(t: Track, ks) -> frozenset:
@@ -121,8 +122,14 @@ def _step(eqn, ins, seen):
         return [None]
     if name == "gather" and t is not None:
         dn = p["dimension_numbers"]
-        _observe(seen, t, _axes(t, sorted(set(dn.start_index_map) | set(dn.collapsed_slice_dims))))
-        return [None]
+        indexed = sorted(set(dn.start_index_map) | set(dn.collapsed_slice_dims))
+        _observe(seen, t, _axes(t, indexed))  # read as a row lookup (an embedding)
+        # the rows may be weights themselves (experts[ids]): follow them, indexed axes stacked
+        kept = [k for k in range(len(t.axmap)) if k not in dn.collapsed_slice_dims]
+        axmap = [frozenset()] * len(eqn.outvars[0].aval.shape)
+        for d, k in zip(dn.offset_dims, kept):
+            axmap[d] = t.axmap[k]
+        return [t._replace(axmap=tuple(axmap), stacked=t.stacked | _axes(t, indexed))]
     if name in ("jit", "pjit", "closed_call", "core_call", "checkpoint", "remat", "remat2"):
         return _walk(_sub(p["jaxpr"]), ins, seen)
     if name in ("custom_jvp_call", "custom_vjp_call", "custom_vjp_call_jaxpr"):
@@ -169,8 +176,9 @@ def observe(fn: Callable[[Any], Any], params: Any, is_leaf=None) -> dict[int, li
     return seen
 
 
-def choose(ndim: int, uses: list[Seen]) -> Layout | None:
-    """One layout that serves every observed use, or None when no use contracts the leaf.
+def choose(ndim: int, uses: list[Seen]) -> tuple[Layout | None, list]:
+    """One layout that serves the observed uses (None when no use contracts the leaf),
+    and the uses it cannot serve low-rank.
 
     Uses that disagree only by swapping ``in`` and ``out`` (a tied embedding looked
     up by rows and multiplied by its transpose) are both served at run time, so
@@ -183,9 +191,10 @@ def choose(ndim: int, uses: list[Seen]) -> Layout | None:
         if ins and outs:
             cands.append((tuple(sorted(ins)), tuple(sorted(outs))))
     if not cands:
-        return None
+        return None, []
     dflt = default_layout(ndim - len(stack))
     rest = [k for k in range(ndim) if k not in stack]
     dflt_in = tuple(rest[k] for k in dflt.inputs)
     ins, outs = next((c for c in cands if c[0] == dflt_in), cands[0])
-    return Layout(tuple(sorted(stack)), ins, outs)
+    unserved = [c for c in cands if c not in ((ins, outs), (outs, ins))]
+    return Layout(tuple(sorted(stack)), ins, outs), unserved

@@ -124,11 +124,14 @@ def jaxpr_parts(j) -> tuple[Any, list]:
     return j, []
 
 
-def run_closed(ctx: Context, j, args, dense_outputs: bool = False) -> list:
+def run_closed(ctx: Context, j, args, dense_outputs: bool | str = False) -> list:
+    """Evaluate a (closed) jaxpr; with ``dense_outputs`` (True or the reason to give),
+    materialise lazy outputs, as bodies that must return arrays need."""
     jaxpr, consts = jaxpr_parts(j)
     outs = ctx.eval(jaxpr, consts, list(args))
     if dense_outputs:
-        outs = [ctx.dense(o, None, "returned from a control-flow body") for o in outs]
+        why = dense_outputs if isinstance(dense_outputs, str) else "returned from a control-flow body"
+        outs = [ctx.dense(o, None, why) for o in outs]
     return outs
 
 

@@ -101,8 +101,9 @@ def delta_value(z: Lazy, dtype) -> jax.Array:
 
 def materialize(z: Lazy) -> jax.Array:
     """The dense value ``w + ΔW`` in ``w``'s dtype (accumulated in at least float32)."""
-    acc = jnp.promote_types(z.w.dtype, jnp.float32)
-    return (z.w.astype(acc) + delta_value(z, acc)).astype(z.w.dtype)
+    from .merge import add_delta
+
+    return add_delta(z.w, delta_value(z, jnp.promote_types(z.w.dtype, jnp.float32)))
 
 
 # ---------------------------------------------------------------- structure

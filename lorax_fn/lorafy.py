@@ -44,7 +44,12 @@ def _user_layout(spec: LayoutSpec, path: str, leaf) -> Layout | None:
         got = next((v for k, v in spec.items() if re.fullmatch(k, path)), None)
     else:
         got = spec
-    return None if got is None else Layout(*(tuple(g) for g in got))
+    if got is None:
+        return None
+    try:
+        return Layout(*(tuple(int(a) for a in g) for g in got))
+    except (TypeError, ValueError):
+        raise LayoutError(f"layout for '{path}' must be (stack, in, out) axis tuples, got {got!r}") from None
 
 
 def _nearest(pattern: Any, paths: list[str]) -> str:
@@ -155,7 +160,11 @@ def lorafy(
             continue
         lay = _user_layout(layout, path, leaf)
         if lay is None and seen is not None:
-            lay = infer.choose(leaf.ndim, seen.get(i, []))
+            lay, unserved = infer.choose(leaf.ndim, seen.get(i, []))
+            if unserved:
+                warnings.warn(f"'{path}' is used with conflicting layouts; chose in={lay.inputs} "
+                              f"out={lay.outputs}, so uses with (in, out) in {unserved} will be "
+                              "materialised (see lorax_fn.explain)", stacklevel=2)
             if lay is None:
                 if want is None:
                     continue  # default targets: fn never contracts this leaf

@@ -9,7 +9,7 @@ import jax.numpy as jnp
 
 from .errors import StructureError
 from .paths import path_str
-from .weight import LoraWeight, delta, is_lora
+from .weight import LoraWeight, delta, factor_shapes, is_lora
 
 
 def merge(tree: Any) -> Any:
@@ -29,12 +29,25 @@ def merge(tree: Any) -> Any:
         True
     """
     def one(x):
-        if not is_lora(x):
-            return x
-        acc = jnp.promote_types(x.dtype, jnp.float32)
-        return (x.w.astype(acc) + delta(x, acc)).astype(x.dtype)
+        return add_delta(x.w, delta(x, jnp.promote_types(x.dtype, jnp.float32))) if is_lora(x) else x
 
     return jax.tree.map(one, tree, is_leaf=is_lora)
+
+
+def add_delta(w, d):
+    """``w + d`` in ``w``'s dtype, accumulated in ``d``'s dtype."""
+    return _add_keeping_zero_sign(w.astype(d.dtype), d).astype(w.dtype)
+
+
+@jax.custom_jvp
+def _add_keeping_zero_sign(w, d):
+    # where d is zero the sum is w itself, so a -0.0 in the base survives a zero
+    # update bit for bit (-0.0 + 0.0 would give +0.0)
+    return jnp.where(d == 0, w, w + d)
+
+
+# differentiate it as the plain sum: a `where` would block the gradient at d == 0 (b = 0)
+_add_keeping_zero_sign.defjvps(lambda t, ans, w, d: t, lambda t, ans, w, d: t)
 
 
 def base(tree: Any) -> Any:
@@ -84,23 +97,27 @@ def attach(base_tree: Any, adapter_tree: Any) -> Any:
         1
     """
     is_leaf = lambda x: x is None or is_lora(x)  # noqa: E731
-    flat_a, tdef_a = jax.tree_util.tree_flatten_with_path(adapter_tree, is_leaf=is_leaf)
-    flat_b, tdef_b = jax.tree_util.tree_flatten(base_tree, is_leaf=is_leaf)
-    if len(flat_a) != len(flat_b):
-        raise StructureError(f"adapters have {len(flat_a)} leaves but the base has {len(flat_b)}: "
-                             f"{tdef_a} vs {tdef_b}")
+    flat_a = jax.tree_util.tree_flatten_with_path(adapter_tree, is_leaf=is_leaf)[0]
+    flat_b, tdef_b = jax.tree_util.tree_flatten_with_path(base_tree, is_leaf=is_leaf)
+    paths_a = [path_str(kp) for kp, _ in flat_a]
+    paths_b = [path_str(kp) for kp, _ in flat_b]
+    if paths_a != paths_b:
+        first = next((f"'{x}' vs '{y}'" for x, y in zip(paths_a, paths_b) if x != y),
+                     f"{len(paths_a)} adapter leaves vs {len(paths_b)} base leaves")
+        raise StructureError(f"adapters and base have different structures; first difference: {first}")
     out = []
-    for (kp, ad), w in zip(flat_a, flat_b):
+    for (kp, ad), (_, w) in zip(flat_a, flat_b):
         if not is_lora(ad):
             out.append(w)
             continue
         path = path_str(kp)
         if is_lora(w):
             raise StructureError(f"base leaf '{path}' already carries an adapter")
+        if not jnp.issubdtype(jnp.result_type(w), jnp.floating):
+            raise StructureError(f"base leaf '{path}' is {jnp.result_type(w)}, not floating point")
         want = tuple(jnp.shape(w))
-        from .weight import factor_shapes
-        sa, sb = factor_shapes(want, ad.layout, ad.rank) if len(want) == len(
-            ad.layout.stack + ad.layout.inputs + ad.layout.outputs) else (None, None)
+        n_axes = len(ad.layout.stack + ad.layout.inputs + ad.layout.outputs)
+        sa, sb = factor_shapes(want, ad.layout, ad.rank) if len(want) == n_axes else (None, None)
         if sa is None or tuple(ad.a.shape) != sa or tuple(ad.b.shape) != sb:
             raise StructureError(f"adapter at '{path}' (a {tuple(ad.a.shape)}, b {tuple(ad.b.shape)}) "
                                  f"does not fit base shape {want}")

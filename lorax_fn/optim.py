@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 import optax
 
 from .errors import StructureError
@@ -51,8 +52,9 @@ def optimizer(tx: optax.GradientTransformation, tree: Any,
     """Wrap ``tx`` so that only adapter leaves (and ``trainable`` ones) move.
 
     Built with ``optax.multi_transform``: trainable leaves go through ``tx``, the
-    rest through ``optax.set_to_zero()``, so frozen leaves stay bit-identical and
-    the optimizer state holds nothing for them.
+    rest get an update of ``-0.0`` (like ``optax.set_to_zero()``, but adding it
+    keeps even ``-0.0`` entries), so frozen leaves stay bit-identical and the
+    optimizer state holds nothing for them.
 
     Args:
       tx: any Optax transformation.
@@ -77,7 +79,18 @@ def optimizer(tx: optax.GradientTransformation, tree: Any,
                                  f"{jax.tree.structure(labels)} vs {jax.tree.structure(params)}")
         return labels
 
-    return optax.multi_transform({"train": tx, "freeze": optax.set_to_zero()}, label_fn)
+    return optax.multi_transform({"train": tx, "freeze": _freeze()}, label_fn)
+
+
+def _freeze() -> optax.GradientTransformation:
+    """Updates of ``-0.0``: ``x + (-0.0)`` is ``x`` bit for bit for every ``x``, ``-0.0``
+    included, where ``optax.set_to_zero``'s ``+0.0`` would turn ``-0.0`` into ``0.0``."""
+
+    def update(updates, state, params=None):
+        del params
+        return jax.tree.map(lambda g: jnp.full_like(g, -0.0), updates), state
+
+    return optax.GradientTransformation(lambda params: optax.EmptyState(), update)
 
 
 def split(tree: Any, trainable: Targets = None) -> tuple[Any, Any]:

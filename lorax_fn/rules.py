@@ -150,7 +150,8 @@ def _conv(ctx, eqn, invals):
         return None
     # a as a conv kernel with r output features (the out axis replaced by the rank)
     perm = [m.axes[k] - m.ns if m.role(k) != "o" else m.ni for k in range(z.ndim)]
-    kernel_a = jnp.transpose(z.a, perm)
+    # the rank-r conv runs in the layer's compute dtype, as the dense one does
+    kernel_a = jnp.transpose(z.a, perm).astype(x.dtype)
     dense = bind(eqn, x, z.w)
     t = bind(eqn, x, kernel_a)
     f = out_spec[1]
@@ -170,7 +171,9 @@ def _gather(ctx, eqn, invals):
     m = z.meta
     indexed = set(dn.start_index_map) | set(dn.collapsed_slice_dims)
     roles = {m.role(k) for k in indexed}
-    if len(roles) != 1 or roles == {"s"}:
+    if roles == {"s"}:
+        return _gather_stack(eqn, z, idx)
+    if len(roles) != 1:
         return None
     mode = roles.pop()
     kept = "o" if mode == "i" else "i"
@@ -194,7 +197,7 @@ def _gather(ctx, eqn, invals):
     for k in kept_axes:
         new_sizes[k] = fv.shape[k]
     dense = bind(eqn, z.w, idx)
-    g = bind(eqn, fv, idx, slice_sizes=tuple(new_sizes))
+    g = bind(eqn, fv, idx, slice_sizes=tuple(new_sizes), **_zero_fill(p))
     # letters of the gather output: offset dims carry operand letters, batch dims fresh ones
     it = iter(LETTERS[z.ndim:])
     non_collapsed = [k for k in range(z.ndim) if k not in dn.collapsed_slice_dims]
@@ -213,6 +216,48 @@ def _gather(ctx, eqn, invals):
     g = g * jnp.asarray(m.scale, g.dtype)
     low = jnp.einsum(f"{gspec},{ospec}->{''.join(out)}", g, other)
     return [dense + low.astype(dense.dtype)]
+
+
+def _zero_fill(params) -> dict:
+    """Out-of-bounds rows of a factor read as zero: the dense ``w`` gather alone
+    carries the fill value, and no NaN meets a zero cotangent in the backward pass."""
+    if params.get("mode") == lax.GatherScatterMode.FILL_OR_DROP:
+        return {"fill_value": 0}
+    return {}
+
+
+def _gather_stack(eqn, z, idx):
+    """Indexing along stack axes only (``experts[ids]``): gather ``w``, ``a`` and ``b``
+    alike and stay lazy; the index batch dims become new stack axes."""
+    p = eqn.params
+    dn = p["dimension_numbers"]
+    m = z.meta
+    collapsed = set(dn.collapsed_slice_dims)
+    if collapsed != set(dn.start_index_map):
+        return None
+    for k in range(z.ndim):
+        if p["slice_sizes"][k] != (1 if k in collapsed else z.shape[k]):
+            return None
+    cc = sorted(m.axes[k] for k in collapsed)
+    w = bind(eqn, z.w, idx)
+    nb = w.ndim - len(dn.offset_dims)
+
+    def factor(f):
+        fdn = lax.GatherDimensionNumbers(
+            offset_dims=tuple(range(nb, nb + f.ndim - len(cc))), collapsed_slice_dims=tuple(cc),
+            start_index_map=tuple(m.axes[k] for k in dn.start_index_map))
+        sizes = tuple(1 if c in cc else f.shape[c] for c in range(f.ndim))
+        return bind(eqn, f, idx, dimension_numbers=fdn, slice_sizes=sizes, **_zero_fill(p))
+
+    def renum(c):  # canonical index after the collapsed stack axes leave and nb batch axes arrive
+        return nb + c - sum(1 for x in cc if x < c)
+
+    kept = [k for k in range(z.ndim) if k not in collapsed]
+    offset = dict(zip(dn.offset_dims, kept))
+    batch = iter(range(nb))
+    axes = tuple(renum(m.axes[offset[d]]) if d in offset else next(batch) for d in range(w.ndim))
+    meta = m._replace(axes=axes, ns=nb + m.ns - len(cc))
+    return [Lazy(w, factor(z.a), factor(z.b), meta)]
 
 
 RULES = {

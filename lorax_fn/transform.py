@@ -44,8 +44,10 @@ def _paths(args, kwargs) -> list:
     out = []
     for keypath, leaf in flat:
         if isinstance(leaf, LoraWeight):
-            # drop the args/kwargs level and, for positional args, the argument index
-            out.append(path_str(keypath[2:] if keypath[0].idx == 0 else keypath[1:]))
+            # relative to the first positional argument (the params, by convention); other
+            # arguments keep their index or keyword name so that two trees stay apart
+            first = keypath[0].idx == 0 and keypath[1].idx == 0
+            out.append(path_str(keypath[2:] if first else keypath[1:]) or "<argument 0>")
         elif _is_array(leaf) or isinstance(leaf, jax.core.Tracer):
             out.append(None)
     return out
@@ -53,7 +55,8 @@ def _paths(args, kwargs) -> list:
 
 def _key(treedef, kinds, statics, avals):
     try:
-        key = (treedef, kinds, statics,
+        # 1, 1.0 and True are equal and hash alike, but trace to different dtypes
+        key = (treedef, kinds, tuple((type(v), v) for v in statics),
                tuple((a.shape, str(a.dtype), a.weak_type) for a in avals))
         hash(key)
         return key
@@ -75,7 +78,7 @@ def _trace(fn, treedef, kinds, statics, avals):
 def _interpret(closed, ctx: Context, kinds, paths, dynamic):
     invals = [lz.from_weight(x, p) if k == "lora" else x
               for x, k, p in zip(dynamic, [k for k in kinds if k != "static"], paths)]
-    return run_closed(ctx, closed, invals, dense_outputs=True)
+    return run_closed(ctx, closed, invals, dense_outputs="returned by the function")
 
 
 def lora(fn: Callable, *, on_materialize: str = "warn") -> Callable:

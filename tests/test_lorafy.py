@@ -196,3 +196,23 @@ def test_float32_adapters_on_a_bfloat16_base():
     g = jax.grad(lambda p: lf.lora(lambda p, x: x @ p)(p, x).astype(jnp.float32).sum())(lw)
     assert g.a.dtype == jnp.float32 and g.b.dtype == jnp.float32
     assert lf.merge(lw).dtype == jnp.bfloat16
+
+
+def test_fn_infers_expert_stacks_selected_by_index():
+    x, ids = jnp.ones((5, 4)), jnp.array([0, 2, 1, 1, 0])
+    f = lambda p, x: jnp.einsum("td,tdo->to", x, p["experts"][ids])  # noqa: E731
+    lp = lf.lorafy({"experts": jnp.ones((3, 4, 6))}, rank=2, fn=lambda p: f(p, x))
+    assert lp["experts"].layout == lf.Layout((0,), (1,), (2,))
+    assert not lf.explain(f, lp, x).materialized
+
+
+def test_conflicting_uses_warn_and_name_the_path():
+    f = lambda p: (jnp.einsum("bd,hdk->bhk", jnp.ones((2, 4)), p["w"]).sum()  # noqa: E731
+                   + jnp.einsum("bk,hdk->bhd", jnp.ones((2, 5)), p["w"]).sum())
+    with pytest.warns(UserWarning, match="'w' is used with conflicting layouts"):
+        lf.lorafy({"w": jnp.ones((3, 4, 5))}, rank=2, fn=f)
+
+
+def test_malformed_layout_is_a_layout_error():
+    with pytest.raises(lf.LayoutError, match="'head/kernel'"):
+        lf.lorafy(_params(), rank=2, targets="head/kernel", layout={"head/kernel": ((), (0,))})

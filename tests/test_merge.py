@@ -77,3 +77,24 @@ def test_lora_weight_is_array_like_and_readable():
     assert jax.tree.unflatten(treedef, leaves).layout == lw.layout
     paths = [jax.tree_util.keystr(k) for k, _ in jax.tree_util.tree_flatten_with_path(lw)[0]]
     assert paths == [".w", ".a", ".b"]
+
+
+def test_merge_keeps_negative_zero_and_still_differentiates_at_init():
+    w = jnp.asarray(np.random.default_rng(0).standard_normal((4, 3)), jnp.float32).at[0, 0].set(-0.0)
+    lw = lf.lorafy({"w": w}, rank=2, alpha=2.0)["w"]
+    merged = lf.merge(lw)
+    assert np.signbit(merged[0, 0]) and np.array_equal(np.asarray(merged), np.asarray(w))
+    # at b = 0 the gradient w.r.t. b is scale · aᵀ · ones: the sign-keeping sum must not block it
+    g = jax.grad(lambda b: jnp.sum(lf.merge(lw.replace(b=b))))(lw.b)
+    want = np.asarray(lw.a).T @ np.ones((4, 3))
+    np.testing.assert_allclose(g, want, rtol=1e-6)
+
+
+def test_attach_checks_paths_not_just_counts():
+    a, b = jnp.ones((4, 4)), jnp.ones((4, 3))
+    ad = lf.adapters(lf.lorafy({"q": a, "k": b}, rank=2))
+    for wrong in ({"q2": a, "k2": b}, {"x": {"q": a}, "k": b}, [a, b]):
+        with pytest.raises(lf.StructureError, match="first difference"):
+            lf.attach(wrong, ad)
+    with pytest.raises(lf.StructureError, match="'q' is int32"):
+        lf.attach({"q": jnp.ones((4, 4), jnp.int32), "k": b}, ad)

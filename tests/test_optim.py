@@ -108,3 +108,15 @@ def test_optimizer_refuses_another_structure():
     tx = lf.optimizer(optax.sgd(0.1), lf.lorafy(params, rank=2))
     with pytest.raises(lf.StructureError):
         tx.init(params)
+
+
+def test_frozen_negative_zeros_survive_updates():
+    w = jnp.ones((4, 3)).at[0, 0].set(-0.0)
+    lp = lf.lorafy({"w": w, "bias": jnp.array([-0.0, 0.0, 1.0])}, rank=2)
+    tx = lf.optimizer(optax.adamw(0.1, weight_decay=0.1), lp)
+    state = tx.init(lp)
+    for _ in range(3):
+        updates, state = tx.update(jax.tree.map(jnp.ones_like, lp), state, lp)
+        lp = optax.apply_updates(lp, updates)
+    assert np.signbit(lp["w"].w[0, 0]) and np.signbit(lp["bias"][0])
+    chex.assert_trees_all_equal(lf.base(lp)["bias"], jnp.array([-0.0, 0.0, 1.0]))

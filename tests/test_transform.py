@@ -72,3 +72,21 @@ def test_explain_lists_paths_with_argument_structure():
     assert [(u.path, u.primitive, u.low_rank) for u in rep] == [("params/w", "dot_general", True)]
     assert rep.by_path() == {"params/w": tuple(rep)}
     assert "1 uses, 0 materialised" in str(rep)
+
+
+def test_static_arguments_of_equal_value_but_other_type_trace_apart():
+    run = lf.lora(lambda p, x, s: (x @ p["w"], jnp.asarray(s)))
+    lp = _lp()
+    dtypes = [run(lp, X, s)[1].dtype for s in (1, 1.0, True)]
+    assert dtypes == [jnp.asarray(1).dtype, jnp.asarray(1.0).dtype, jnp.bool_]
+    assert run.cache_size() == 3
+
+
+def test_paths_keep_other_arguments_apart():
+    lp = _lp()
+    rep = lf.explain(lambda p, q, x: x @ p["w"] + x @ q["w"], lp, lp, X)
+    assert [u.path for u in rep] == ["w", "1/w"]
+    rep = lf.explain(lambda w, x: x @ w, lp["w"], X)
+    assert [u.path for u in rep] == ["<argument 0>"]
+    with pytest.raises(lf.MaterializationError, match="returned by the function"):
+        lf.lora(lambda p: p["w"], on_materialize="raise")(lp)

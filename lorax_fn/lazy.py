@@ -17,7 +17,7 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-from .weight import LoraWeight
+from .weight import LoraWeight, add_delta
 
 LETTERS = string.ascii_letters.replace("R", "")  # 'R' is reserved for the rank axis
 
@@ -101,8 +101,6 @@ def delta_value(z: Lazy, dtype) -> jax.Array:
 
 def materialize(z: Lazy) -> jax.Array:
     """The dense value ``w + ΔW`` in ``w``'s dtype (accumulated in at least float32)."""
-    from .merge import add_delta
-
     return add_delta(z.w, delta_value(z, jnp.promote_types(z.w.dtype, jnp.float32)))
 
 

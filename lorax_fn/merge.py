@@ -9,7 +9,7 @@ import jax.numpy as jnp
 
 from .errors import StructureError
 from .paths import path_str
-from .weight import LoraWeight, delta, factor_shapes, is_lora
+from .weight import add_delta, delta, factor_shapes, is_lora
 
 
 def merge(tree: Any) -> Any:
@@ -32,22 +32,6 @@ def merge(tree: Any) -> Any:
         return add_delta(x.w, delta(x, jnp.promote_types(x.dtype, jnp.float32))) if is_lora(x) else x
 
     return jax.tree.map(one, tree, is_leaf=is_lora)
-
-
-def add_delta(w, d):
-    """``w + d`` in ``w``'s dtype, accumulated in ``d``'s dtype."""
-    return _add_keeping_zero_sign(w.astype(d.dtype), d).astype(w.dtype)
-
-
-@jax.custom_jvp
-def _add_keeping_zero_sign(w, d):
-    # where d is zero the sum is w itself, so a -0.0 in the base survives a zero
-    # update bit for bit (-0.0 + 0.0 would give +0.0)
-    return jnp.where(d == 0, w, w + d)
-
-
-# differentiate it as the plain sum: a `where` would block the gradient at d == 0 (b = 0)
-_add_keeping_zero_sign.defjvps(lambda t, ans, w, d: t, lambda t, ans, w, d: t)
 
 
 def base(tree: Any) -> Any:

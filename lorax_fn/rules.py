@@ -9,7 +9,6 @@ materialises. *Consuming* rules (``dot_general``, ``conv_general_dilated``,
 
 from __future__ import annotations
 
-import jax
 import jax.numpy as jnp
 from jax import lax
 

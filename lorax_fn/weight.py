@@ -153,3 +153,19 @@ def delta(lw: LoraWeight, dtype=None):
     acc = dtype or jnp.promote_types(lw.dtype, jnp.float32)
     d = jnp.einsum(f"{s}{i}r,{s}r{o}->{out}", lw.a, lw.b, preferred_element_type=acc)
     return d.astype(acc) * jnp.asarray(lw.scale, acc)
+
+
+def add_delta(w, d):
+    """``w + d`` in ``w``'s dtype, accumulated in ``d``'s dtype."""
+    return _add_keeping_zero_sign(w.astype(d.dtype), d).astype(w.dtype)
+
+
+@jax.custom_jvp
+def _add_keeping_zero_sign(w, d):
+    # where d is zero the sum is w itself, so a -0.0 in the base survives a zero
+    # update bit for bit (-0.0 + 0.0 would give +0.0)
+    return jnp.where(d == 0, w, w + d)
+
+
+# differentiate it as the plain sum: a `where` would block the gradient at d == 0 (b = 0)
+_add_keeping_zero_sign.defjvps(lambda t, ans, w, d: t, lambda t, ans, w, d: t)

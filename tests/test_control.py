@@ -7,7 +7,6 @@ import textwrap
 import chex
 import jax
 import jax.numpy as jnp
-import numpy as np
 import pytest
 from jax import lax
 

@@ -30,7 +30,7 @@ def _dense_numpy(lw):
     lay = lw.layout
     a = np.asarray(lw.a, np.float64)
     b = np.asarray(lw.b, np.float64)
-    ns, ni, no = len(lay.stack), len(lay.inputs), len(lay.outputs)
+    ns, ni = len(lay.stack), len(lay.inputs)
     s_shape = a.shape[:ns]
     i_size = math.prod(a.shape[ns:ns + ni])
     o_size = math.prod(b.shape[ns + 1:])

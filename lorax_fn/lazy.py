@@ -17,7 +17,7 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-from .weight import LoraWeight, add_delta
+from .weight import LoraWeight
 
 LETTERS = string.ascii_letters.replace("R", "")  # 'R' is reserved for the rank axis
 
@@ -73,13 +73,19 @@ class Lazy:
         return f"Lazy({self.meta.path}, shape={self.w.shape}, axes={self.meta.axes})"
 
 
-def from_weight(lw: LoraWeight, path: str) -> Lazy:
-    """Start a lazy value from a ``LoraWeight``; the base takes no gradient."""
+def as_lazy(lw: LoraWeight, path: str = "") -> Lazy:
+    """The lazy value of a ``LoraWeight``, axes in the base weight's order."""
     lay = lw.layout
     order = lay.stack + lay.inputs + lay.outputs
     axes = tuple(order.index(k) for k in range(len(order)))
     meta = Meta(float(lw.scale), axes, len(lay.stack), len(lay.inputs), len(lay.outputs), path)
-    return Lazy(lax.stop_gradient(lw.w), lw.a, lw.b, meta)
+    return Lazy(lw.w, lw.a, lw.b, meta)
+
+
+def from_weight(lw: LoraWeight, path: str) -> Lazy:
+    """Start a lazy value for the interpreter: the base takes no gradient."""
+    z = as_lazy(lw, path)
+    return Lazy(lax.stop_gradient(z.w), z.a, z.b, z.meta)
 
 
 def letters(meta: Meta, value_letters: str) -> tuple[str, str]:
@@ -255,3 +261,19 @@ def unstack_leading(z: Lazy) -> tuple[tuple, Meta] | None:
     fixed = tuple((x - 1) if x > c else x for x in m.axes[1:])
     meta = Meta(m.scale, fixed, m.ns - 1, m.ni, m.no, m.path)
     return (z.w, a, b), meta
+
+
+def add_delta(w, d):
+    """``w + d`` in ``w``'s dtype, accumulated in ``d``'s dtype."""
+    return _add_keeping_zero_sign(w.astype(d.dtype), d).astype(w.dtype)
+
+
+@jax.custom_jvp
+def _add_keeping_zero_sign(w, d):
+    # where d is zero the sum is w itself, so a -0.0 in the base survives a zero
+    # update bit for bit (-0.0 + 0.0 would give +0.0)
+    return jnp.where(d == 0, w, w + d)
+
+
+# differentiate it as the plain sum: a `where` would block the gradient at d == 0 (b = 0)
+_add_keeping_zero_sign.defjvps(lambda t, ans, w, d: t, lambda t, ans, w, d: t)

@@ -7,9 +7,10 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
+from . import lazy as lz
 from .errors import StructureError
 from .paths import path_str
-from .weight import add_delta, delta, factor_shapes, is_lora
+from .weight import factor_shapes, is_lora
 
 
 def merge(tree: Any) -> Any:
@@ -28,10 +29,8 @@ def merge(tree: Any) -> Any:
         >>> bool((lf.merge(lf.lorafy(p, rank=1))["w"] == p["w"]).all())
         True
     """
-    def one(x):
-        return add_delta(x.w, delta(x, jnp.promote_types(x.dtype, jnp.float32))) if is_lora(x) else x
-
-    return jax.tree.map(one, tree, is_leaf=is_lora)
+    return jax.tree.map(lambda x: lz.materialize(lz.as_lazy(x)) if is_lora(x) else x, tree,
+                        is_leaf=is_lora)
 
 
 def base(tree: Any) -> Any:

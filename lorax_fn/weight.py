@@ -139,33 +139,3 @@ class LoraWeight:
 def is_lora(x: Any) -> bool:
     """True for a :class:`LoraWeight` node (use as ``is_leaf`` in tree functions)."""
     return isinstance(x, LoraWeight)
-
-
-def delta(lw: LoraWeight, dtype=None):
-    """``scale · a ⊗_r b`` arranged like ``w``, in ``dtype`` (default: at least float32)."""
-    lay = lw.layout
-    ns, ni, no = len(lay.stack), len(lay.inputs), len(lay.outputs)
-    letters = "abcdefghijklmnopqstuvwxyz"  # 'r' is the rank letter
-    s, i, o = letters[:ns], letters[ns:ns + ni], letters[ns + ni:ns + ni + no]
-    canon = s + i + o
-    order = lay.stack + lay.inputs + lay.outputs
-    out = "".join(canon[order.index(k)] for k in range(len(order)))
-    acc = dtype or jnp.promote_types(lw.dtype, jnp.float32)
-    d = jnp.einsum(f"{s}{i}r,{s}r{o}->{out}", lw.a, lw.b, preferred_element_type=acc)
-    return d.astype(acc) * jnp.asarray(lw.scale, acc)
-
-
-def add_delta(w, d):
-    """``w + d`` in ``w``'s dtype, accumulated in ``d``'s dtype."""
-    return _add_keeping_zero_sign(w.astype(d.dtype), d).astype(w.dtype)
-
-
-@jax.custom_jvp
-def _add_keeping_zero_sign(w, d):
-    # where d is zero the sum is w itself, so a -0.0 in the base survives a zero
-    # update bit for bit (-0.0 + 0.0 would give +0.0)
-    return jnp.where(d == 0, w, w + d)
-
-
-# differentiate it as the plain sum: a `where` would block the gradient at d == 0 (b = 0)
-_add_keeping_zero_sign.defjvps(lambda t, ans, w, d: t, lambda t, ans, w, d: t)

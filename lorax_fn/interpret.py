@@ -26,7 +26,14 @@ POLICIES = ("allow", "warn", "raise")
 
 
 class Use(NamedTuple):
-    """One use of a LoRA weight found while running a function under :func:`lora`."""
+    """One use of a LoRA weight found while running a function under :func:`lora`.
+
+    Example:
+        >>> import jax.numpy as jnp, lorax_fn as lf
+        >>> lp = lf.lorafy({"w": jnp.ones((3, 2))}, rank=1)
+        >>> lf.explain(lambda p, x: x @ p["w"], lp, jnp.ones((4, 3)))[0]
+        Use(path='w', primitive='dot_general', low_rank=True, detail='low-rank')
+    """
 
     path: str
     primitive: str
@@ -34,14 +41,21 @@ class Use(NamedTuple):
     detail: str = ""
 
 
+FORMULATIONS = ("auto", "factored", "merged")  # see lora(); rules._formulation decides "auto"
+
+
 class Context:
     """Per-run state of the interpreter: the materialisation policy and a log of uses."""
 
-    def __init__(self, policy: str = "warn", record: list | None = None):
+    def __init__(self, policy: str = "warn", record: list | None = None,
+                 formulation: str = "auto"):
         if policy not in POLICIES:
             raise ValueError(f"on_materialize must be one of {POLICIES}, got {policy!r}")
+        if formulation not in FORMULATIONS:
+            raise ValueError(f"formulation must be one of {FORMULATIONS}, got {formulation!r}")
         self.policy = policy
         self.uses = record
+        self.formulation = formulation
 
     def note(self, z: Lazy, eqn, low_rank: bool, detail: str = "") -> None:
         if self.uses is not None:
@@ -72,7 +86,7 @@ class Context:
 def eval_jaxpr(ctx: Context, jaxpr, consts, args) -> list:
     """Evaluate an (open) jaxpr whose inputs may be lazy LoRA values."""
     from .control import HIGHER_ORDER
-    from .rules import RULES
+    from .rules import RULES, dot_general_parts
 
     env: dict = {}
 
@@ -83,10 +97,25 @@ def eval_jaxpr(ctx: Context, jaxpr, consts, args) -> list:
         env[v] = x
     for v, x in zip(jaxpr.invars, args):
         env[v] = x
+    split = _split_sums(jaxpr)
     for eqn in jaxpr.eqns:
         invals = [read(v) for v in eqn.invars]
         with eqn.ctx.manager:
-            if not any(isinstance(x, Lazy) for x in invals):
+            if eqn.outvars[0] in split and any(isinstance(x, Lazy) for x in invals):
+                parts = dot_general_parts(ctx, eqn, invals)
+                if parts is not None:
+                    for z in invals:
+                        if isinstance(z, Lazy):
+                            ctx.note(z, eqn, True, "low-rank")
+                    env[eqn.outvars[0]] = _Sum(*parts)
+                    continue
+            if any(isinstance(x, _Sum) for x in invals):
+                if any(isinstance(x, Lazy) for x in invals):
+                    invals = [_total(x) if isinstance(x, _Sum) else x for x in invals]
+                    outs = _apply_rule(ctx, eqn, invals, RULES, HIGHER_ORDER)
+                else:
+                    outs = _add_sums(eqn, invals)
+            elif not any(isinstance(x, Lazy) for x in invals):
                 outs = bind(eqn, *invals)
             else:
                 outs = _apply_rule(ctx, eqn, invals, RULES, HIGHER_ORDER)
@@ -95,6 +124,52 @@ def eval_jaxpr(ctx: Context, jaxpr, consts, args) -> list:
         for v, x in zip(eqn.outvars, outs):
             env[v] = x
     return [read(v) for v in jaxpr.outvars]
+
+
+class _Sum(NamedTuple):
+    """A LoRA matmul's two terms, kept apart until the single ``add`` that consumes it."""
+
+    dense: Any
+    low: Any
+
+
+def _split_sums(jaxpr) -> set:
+    """Outputs of ``dot_general`` whose only use is an ``add`` with no other such output.
+
+    For ``y = x·W + c`` (a bias, a residual) the interpreter emits
+    ``(x·w + c) + scale·(x·a)·b`` rather than ``(x·w + scale·(x·a)·b) + c``: the
+    same graph a LoRA layer written by hand gives XLA, which then fuses ``c``
+    into the dense matmul and plans less scratch memory (one activation per
+    layer on the benchmark transformer).
+    """
+    uses: dict = {}
+    for e in jaxpr.eqns:
+        for v in e.invars:
+            if not isinstance(v, Literal):
+                uses[v] = uses.get(v, 0) + 1
+    for v in jaxpr.outvars:
+        if not isinstance(v, Literal):
+            uses[v] = uses.get(v, 0) + 2
+    dots = {e.outvars[0] for e in jaxpr.eqns if e.primitive.name == "dot_general"}
+    out = set()
+    for e in jaxpr.eqns:
+        if e.primitive.name != "add":
+            continue
+        mine = [v for v in e.invars if not isinstance(v, Literal) and v in dots and uses[v] == 1]
+        if len(mine) == 1 and all(v.aval.shape == e.outvars[0].aval.shape for v in mine):
+            out.add(mine[0])
+    return out
+
+
+def _total(s: "_Sum"):
+    return s.dense if s.low is None else s.dense + s.low
+
+
+def _add_sums(eqn, invals):
+    """``add`` with one operand a :class:`_Sum`: the dense terms first, then the low-rank one."""
+    (s,) = [x for x in invals if isinstance(x, _Sum)]
+    dense = bind(eqn, *[x.dense if isinstance(x, _Sum) else x for x in invals])
+    return dense if s.low is None else dense + s.low.astype(dense.dtype)
 
 
 def _apply_rule(ctx, eqn, invals, rules, higher):

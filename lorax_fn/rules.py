@@ -9,6 +9,9 @@ materialises. *Consuming* rules (``dot_general``, ``conv_general_dilated``,
 
 from __future__ import annotations
 
+import functools
+
+import jax
 import jax.numpy as jnp
 from jax import lax
 
@@ -91,7 +94,12 @@ def _sharding_constraint(ctx, eqn, invals):
 
 
 # ------------------------------------------------------------- consuming
-def _dot_general(ctx, eqn, invals):
+def dot_general_parts(ctx, eqn, invals):
+    """``(x·w, scale·(x·a)·b)`` for a ``dot_general`` that meets a lazy value, or ``None``.
+
+    With the merged-forward formulation the first part is the whole product
+    and the second is ``None``.
+    """
     lhs, rhs = invals
     params = eqn.params
     if _is_lazy(lhs) and _is_lazy(rhs):
@@ -128,13 +136,114 @@ def _dot_general(ctx, eqn, invals):
     # intermediate: the letters of x that survive, z's free stack letters, then the rank
     keep = [c for c in xl if c in out] + [c for c in first if c in out and c not in xl]
     tl = "".join(keep) + "R"
-    f1, f2 = (z.a, z.b) if mode == "i" else (z.b, z.a)
+    a = lz.rank_major_grad(z.a, m.ns)
+    f1, f2 = (a, z.b) if mode == "i" else (z.b, a)
     prec, pet = params.get("precision"), params.get("preferred_element_type")
-    dense = bind(eqn, *((z.w, x) if z_is_lhs else (x, z.w)))
-    t = jnp.einsum(f"{''.join(xl)},{first}->{tl}", x, f1, precision=prec, preferred_element_type=pet)
-    t = t * jnp.asarray(m.scale, t.dtype)
-    low = jnp.einsum(f"{tl},{second}->{out}", t, f2, precision=prec, preferred_element_type=pet)
-    return [dense + low.astype(dense.dtype)]
+    xs = "".join(xl)
+
+    def dense_of(x_, w_):
+        return bind(eqn, *((w_, x_) if z_is_lhs else (x_, w_)))
+
+    def first_of(x_, f1_):
+        t = jnp.einsum(f"{xs},{first}->{tl}", x_, f1_, precision=prec, preferred_element_type=pet)
+        return t * jnp.asarray(m.scale, t.dtype)
+
+    def second_of(t, f2_):
+        return jnp.einsum(f"{tl},{second}->{out}", t, f2_, precision=prec, preferred_element_type=pet)
+
+    form = _formulation(ctx, z, x, xl, out, first)
+    if form != "factored":
+        f = _merged_dot(dense_of, first_of, second_of, z.meta, primal_merged=form == "merged")
+        return f(x, z.w, f1, f2, mode == "i"), None
+    dense = dense_of(x, z.w)
+    low = second_of(first_of(x, f1), f2)
+    return dense, low.astype(dense.dtype)
+
+
+def _formulation(ctx, z, x, xl, out, first) -> str:
+    """How this use runs: ``"factored"``, ``"merged"`` or ``"train-merged"``.
+
+    ``formulation="auto"`` gives ``"train-merged"``, i.e. ``x·(w + ΔW)`` in the
+    forward pass of a differentiated computation and the factored product
+    otherwise, when building ``ΔW`` costs less than the second low-rank
+    product: the contracted size is below the number of rows of ``x`` that
+    reach the output (tokens). Only for float32 or wider weights, where folding
+    ``ΔW`` into ``w`` loses nothing to rounding.
+    """
+    mode = ctx.formulation
+    if mode != "auto":
+        return mode
+    if jnp.finfo(z.w.dtype).bits < 32:
+        return "factored"
+    contracted = 1
+    for c in first:
+        if c in xl and c not in out:
+            contracted *= x.shape[xl.index(c)]
+    rows = 1
+    for k, c in enumerate(xl):
+        if c in out and c not in first:
+            rows *= x.shape[k]
+    return "train-merged" if contracted < rows else "factored"
+
+
+def _merged_dot(dense_of, first_of, second_of, meta, primal_merged: bool):
+    """``x·(w + scale·f1⊗f2)`` whose derivative is the factored one.
+
+    Under differentiation the forward value is one dense product with the
+    merged weight, with no rank-r product of the size of the output. Without
+    differentiation it is that product (``primal_merged``) or the factored one
+    (cheaper to compile, and as fast for a single forward pass).
+    Tangent (and so the gradient, by transposition):
+    ``dx·w + scale·((dx·f1)·f2) + scale·((x·df1)·f2) + (scale·x·f1)·df2``,
+    which needs only ``x``, ``x·f1`` and the parameters as residuals, never the
+    merged weight.
+    """
+
+    def merged(x, w, f1, f2, a_first):
+        a, b = (f1, f2) if a_first else (f2, f1)
+        return dense_of(x, lz.materialize(lz.Lazy(w, a, b, meta)))
+
+    @functools.partial(jax.custom_jvp, nondiff_argnums=(4,))
+    def f(x, w, f1, f2, a_first):
+        if primal_merged:
+            return merged(x, w, f1, f2, a_first)
+        dense = dense_of(x, w)
+        return dense + second_of(first_of(x, f1), f2).astype(dense.dtype)
+
+    @functools.partial(f.defjvp, symbolic_zeros=True)
+    def f_jvp(a_first, primals, tangents):
+        x, w, f1, f2 = primals
+        dx, dw, df1, df2 = tangents
+        y = merged(x, w, f1, f2, a_first)
+        terms = []
+        if not _zero(dx):
+            terms += [dense_of(dx, w), second_of(first_of(dx, f1), f2)]
+        if not _zero(dw):
+            terms.append(dense_of(x, dw))
+        if not _zero(df1):
+            terms.append(second_of(first_of(x, df1), f2))
+        if not _zero(df2):
+            terms.append(second_of(first_of(x, f1), df2))
+        if not terms:
+            return y, jnp.zeros_like(y)
+        tangent = terms[0].astype(y.dtype)
+        for t in terms[1:]:
+            tangent = tangent + t.astype(y.dtype)
+        return y, tangent
+
+    return f
+
+
+def _zero(t) -> bool:
+    return isinstance(t, jax.custom_derivatives.SymbolicZero)
+
+
+def _dot_general(ctx, eqn, invals):
+    parts = dot_general_parts(ctx, eqn, invals)
+    if parts is None:
+        return None
+    dense, low = parts
+    return [dense if low is None else dense + low]
 
 
 def _conv(ctx, eqn, invals):

@@ -81,7 +81,7 @@ def _interpret(closed, ctx: Context, kinds, paths, dynamic):
     return run_closed(ctx, closed, invals, dense_outputs="returned by the function")
 
 
-def lora(fn: Callable, *, on_materialize: str = "warn") -> Callable:
+def lora(fn: Callable, *, on_materialize: str = "warn", formulation: str = "auto") -> Callable:
     """Transform ``fn`` so that it accepts :class:`LoraWeight` leaves wherever arrays go.
 
     The returned function computes exactly what ``fn`` computes on the merged
@@ -101,6 +101,15 @@ def lora(fn: Callable, *, on_materialize: str = "warn") -> Callable:
         low-rank rule and must be built densely (always correct): ``"allow"``,
         ``"warn"`` (default; names the parameter path and the primitive) or
         ``"raise"`` (:class:`~lorax_fn.MaterializationError`).
+      formulation: how a matmul with a LoRA weight runs forward. ``"factored"``
+        computes ``x·w + scale·(x·a)·b``; ``"merged"`` computes
+        ``x·(w + scale·a·b)``, building the merged weight as a temporary;
+        ``"auto"`` (default) takes merged where that costs fewer FLOPs (the
+        contracted size is below the number of rows of ``x``, as in training
+        on batches of tokens) and the weight is float32 or wider, factored
+        otherwise (small batches, decoding, bfloat16). Gradients are the same
+        factored ones in every case: no dense weight gradient is formed and
+        no merged weight is kept for the backward pass.
 
     Returns:
       A function with ``fn``'s signature and outputs.
@@ -114,7 +123,7 @@ def lora(fn: Callable, *, on_materialize: str = "warn") -> Callable:
         >>> lf.lora(lambda p, x: x @ p["w"])(lp, jnp.ones((4, 3))).shape
         (4, 2)
     """
-    ctx = Context(on_materialize)
+    ctx = Context(on_materialize, formulation=formulation)
     cache: dict = {}
 
     @functools.wraps(fn)
@@ -137,7 +146,19 @@ def lora(fn: Callable, *, on_materialize: str = "warn") -> Callable:
 
 
 class Explanation(tuple):
-    """The uses :func:`explain` found: a tuple of ``Use(path, primitive, low_rank, detail)``."""
+    """The uses :func:`explain` found: a tuple of ``Use(path, primitive, low_rank, detail)``.
+
+    Example:
+        >>> import jax.numpy as jnp, lorax_fn as lf
+        >>> lp = lf.lorafy({"w": jnp.ones((3, 2))}, rank=1)
+        >>> rep = lf.explain(lambda p, x: x @ p["w"], lp, jnp.ones((4, 3)))
+        >>> print(rep)
+        path  primitive              computed
+        w     dot_general            low-rank
+        1 uses, 0 materialised
+        >>> rep.materialized
+        ()
+    """
 
     @property
     def materialized(self) -> tuple[Use, ...]:

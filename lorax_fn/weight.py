@@ -19,6 +19,13 @@ class Layout(NamedTuple):
     Each field is a tuple of axis indices of the base weight; together they name
     every axis exactly once. ``a`` has shape ``stack + in + (r,)`` and ``b`` has
     shape ``stack + (r,) + out``, with sizes taken in the order the axes are listed.
+
+    Example:
+        >>> import jax.numpy as jnp, lorax_fn as lf
+        >>> lay = lf.Layout(stack=(), inputs=(0,), outputs=(1, 2))      # (embed, heads, head_dim)
+        >>> lw = lf.lorafy({"q": jnp.ones((8, 2, 4))}, rank=2, layout=lay)["q"]
+        >>> lw.a.shape, lw.b.shape
+        ((8, 2), (2, 2, 4))
     """
 
     stack: tuple[int, ...]
@@ -137,5 +144,12 @@ class LoraWeight:
 
 
 def is_lora(x: Any) -> bool:
-    """True for a :class:`LoraWeight` node (use as ``is_leaf`` in tree functions)."""
+    """True for a :class:`LoraWeight` node (use as ``is_leaf`` in tree functions).
+
+    Example:
+        >>> import jax, jax.numpy as jnp, lorax_fn as lf
+        >>> lp = lf.lorafy({"w": jnp.ones((3, 2)), "bias": jnp.zeros(2)}, rank=1)
+        >>> [lf.is_lora(x) for x in jax.tree.leaves(lp, is_leaf=lf.is_lora)]
+        [False, True]
+    """
     return isinstance(x, LoraWeight)

@@ -62,13 +62,14 @@ def dot_cases(draw):
     lora_lhs = draw(st.booleans())
     dtype = draw(st.sampled_from([jnp.float32, jnp.bfloat16]))
     seed = draw(st.integers(0, 2**16))
-    return sizes, lay, rank, contract, batch, n_free_x, lora_lhs, dtype, seed
+    form = draw(st.sampled_from(["auto", "factored", "merged"]))
+    return sizes, lay, rank, contract, batch, n_free_x, lora_lhs, dtype, seed, form
 
 
 @settings(max_examples=60, deadline=None)
 @given(dot_cases())
 def test_dot_general_matches_dense(case):
-    sizes, lay, rank, contract, batch, n_free_x, lora_lhs, dtype, seed = case
+    sizes, lay, rank, contract, batch, n_free_x, lora_lhs, dtype, seed, form = case
     rng = np.random.default_rng(seed)
     lw = _weight(rng, tuple(sizes), lay, rank, dtype)
     # x: batch axes first, then free axes, then the contracted axes in a shuffled order
@@ -86,7 +87,7 @@ def test_dot_general_matches_dense(case):
     else:
         dn = ((xc, tuple(contract)), (xb, tuple(batch)))
         f = lambda p, x: lax.dot_general(x, p, dn)  # noqa: E731
-    got = lf.lora(f, on_materialize="raise")(lw, x)
+    got = lf.lora(f, on_materialize="raise", formulation=form)(lw, x)
     dense = jnp.asarray(_dense_numpy(lw), jnp.float32)
     want = f(dense, x.astype(jnp.float32))
     tol = 1e-4 if dtype == jnp.float32 else 6e-2
@@ -95,8 +96,9 @@ def test_dot_general_matches_dense(case):
 
 
 @settings(max_examples=25, deadline=None)
-@given(st.integers(0, 2**16), st.sampled_from(["in", "out"]), st.integers(1, 3))
-def test_dot_general_gradients_match_merged(seed, mode, rank):
+@given(st.integers(0, 2**16), st.sampled_from(["in", "out"]), st.integers(1, 3),
+       st.sampled_from(["factored", "merged"]))
+def test_dot_general_gradients_match_merged(seed, mode, rank, form):
     rng = np.random.default_rng(seed)
     lw = _weight(rng, (5, 3, 4), ((), (0,), (1, 2)), rank)
     x = jnp.asarray(rng.standard_normal((2, 5) if mode == "in" else (2, 3, 4)), jnp.float32)
@@ -105,9 +107,49 @@ def test_dot_general_gradients_match_merged(seed, mode, rank):
     else:
         f = lambda p, x: jnp.einsum("bho,iho->bi", x, p)  # noqa: E731
     train, frozen = lf.split(lw)
-    g_lora = jax.grad(lambda t: jnp.sum(jnp.sin(lf.lora(f, on_materialize="raise")(lf.combine(t, frozen), x))))(train)
+    g_lora = jax.grad(lambda t: jnp.sum(jnp.sin(
+        lf.lora(f, on_materialize="raise", formulation=form)(lf.combine(t, frozen), x))))(train)
     g_ref = jax.grad(lambda t: jnp.sum(jnp.sin(f(lf.merge(lf.combine(t, frozen)), x))))(train)
     chex.assert_trees_all_close(g_lora, g_ref, rtol=1e-4, atol=1e-4)
+
+
+def _einsum_case(rows):
+    rng = np.random.default_rng(3)
+    lw = _weight(rng, (6, 5), ((), (0,), (1,)), 2)
+    x = jnp.asarray(rng.standard_normal((rows, 6)), jnp.float32)
+    return lw, x, (lambda p, x: jnp.tanh(x @ p))
+
+
+@pytest.mark.parametrize("form", ["factored", "merged", "auto"])
+def test_forward_mode_and_second_order_match_merged(form):
+    """jvp, jacfwd-of-grad (Hessian-vector) and vmap through either formulation."""
+    lw, x, f = _einsum_case(9)
+    train, frozen = lf.split(lw)
+    lo = lambda t, x: jnp.sum(lf.lora(f, formulation=form)(lf.combine(t, frozen), x) ** 2)  # noqa: E731
+    ref = lambda t, x: jnp.sum(f(lf.merge(lf.combine(t, frozen)), x) ** 2)  # noqa: E731
+    v = jax.tree.map(lambda t: jnp.full_like(t, 0.3), train)
+    chex.assert_trees_all_close(jax.jvp(lambda t: lo(t, x), (train,), (v,)),
+                                jax.jvp(lambda t: ref(t, x), (train,), (v,)), rtol=1e-5, atol=1e-5)
+    hvp = lambda g: jax.jvp(jax.grad(lambda t: g(t, x)), (train,), (v,))[1]  # noqa: E731
+    chex.assert_trees_all_close(hvp(lo), hvp(ref), rtol=1e-4, atol=1e-4)
+    xs = jnp.stack([x, 2 * x])
+    chex.assert_trees_all_close(jax.vmap(lambda x: jax.grad(lo)(train, x))(xs),
+                                jax.vmap(lambda x: jax.grad(ref)(train, x))(xs), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("rows,dtype,merged", [(9, jnp.float32, True), (3, jnp.float32, False),
+                                               (9, jnp.bfloat16, False)])
+def test_auto_formulation_choice(rows, dtype, merged):
+    """auto merges forward only when there are more rows than contracted features, in float32."""
+    lw, x, f = _einsum_case(rows)
+    lw = jax.tree.map(lambda t: t.astype(dtype), lw)
+    text = str(jax.make_jaxpr(lf.lora(f))(lw, x.astype(dtype)))
+    assert ("custom_jvp_call" in text) == merged
+
+
+def test_formulation_is_checked():
+    with pytest.raises(ValueError, match="formulation"):
+        lf.lora(lambda p: p, formulation="fused")
 
 
 def test_frozen_base_gets_no_gradient():

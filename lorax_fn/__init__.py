@@ -6,20 +6,25 @@ weights; ``optimizer``/``split`` train only the adapters; ``merge`` folds them
 back for plain jitted inference.
 """
 
-from .errors import (LayoutError, LoraError, MaterializationError, MaterializationWarning,
-                     RankError, StructureError, TargetDtypeError, TargetError)
+from .errors import (CheckpointError, LayoutError, LoraError, MaterializationError,
+                     MaterializationWarning, RankError, StructureError, TargetDtypeError, TargetError)
 from .interpret import Use
 from .lorafy import lorafy
 from .merge import adapters, attach, base, merge
 from .optim import combine, optimizer, split, trainable_mask
 from .transform import Explanation, explain, lora
 from .weight import Layout, LoraWeight, is_lora
+from .checkpoint import load_adapters, read_adapter_config, save_adapters, save_merged
+from .peft import load_peft, save_peft
+from .resume import AdapterCheckpointManager, Restored
 
 __version__ = "0.1.0"
 
-__all__ = [
+__all__ = [  # the public API: everything else is internal
     "Explanation", "Layout", "LayoutError", "LoraError", "LoraWeight", "MaterializationError",
     "MaterializationWarning", "RankError", "StructureError", "TargetDtypeError", "TargetError",
     "Use", "adapters", "attach", "base", "combine", "explain", "is_lora", "lora", "lorafy",
     "merge", "optimizer", "split", "trainable_mask",
+    "AdapterCheckpointManager", "CheckpointError", "Restored", "load_adapters", "load_peft",
+    "read_adapter_config", "save_adapters", "save_merged", "save_peft",
 ]

@@ -106,3 +106,16 @@ class MaterializationWarning(UserWarning):
         >>> [w.category.__name__ for w in caught]
         ['MaterializationWarning']
     """
+
+
+class CheckpointError(LoraError, ValueError):
+    """A checkpoint is missing, unfinished, corrupted, or not what it claims to be.
+
+    Example:
+        >>> import tempfile, jax.numpy as jnp, lorax_fn as lf
+        >>> try:
+        ...     lf.load_adapters(tempfile.mkdtemp() + "/absent", {"w": jnp.ones((2, 2))})
+        ... except lf.CheckpointError as err:
+        ...     print(type(err).__name__, isinstance(err, ValueError))
+        CheckpointError True
+    """

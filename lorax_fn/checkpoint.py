@@ -1,0 +1,231 @@
+"""Adapter checkpoints through Orbax: `save_adapters`, `load_adapters`, `save_merged`.
+
+An adapter checkpoint holds the adapter arrays and a JSON config, never the
+base: for a transformer adapted at rank 8 it is a few percent of the model's
+size. Orbax writes it to a temporary directory and renames it on commit, so a
+crash mid-save leaves no half-written checkpoint under the final name.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any, Mapping
+
+import orbax.checkpoint as ocp
+
+from . import ckpt_format as fmt
+from .ckpt_format import ARRAYS, CONFIG
+from .errors import CheckpointError
+from .lorafy import Targets
+from .merge import merge
+
+__all__ = ["load_adapters", "read_adapter_config", "save_adapters", "save_merged"]
+
+
+def composite_checkpointer(**extra_items) -> ocp.Checkpointer:
+    """A synchronous Orbax checkpointer for the ``arrays`` + ``config`` composite."""
+    handlers = {ARRAYS: ocp.StandardCheckpointHandler(), CONFIG: ocp.JsonCheckpointHandler(), **extra_items}
+    return ocp.Checkpointer(ocp.CompositeCheckpointHandler(**handlers))
+
+
+def committed_dir(directory: str | os.PathLike) -> Path:
+    """The absolute path of a finished checkpoint, or a CheckpointError saying what is there instead."""
+    path = Path(directory).expanduser().absolute()
+    if path.is_dir():
+        return path
+    unfinished = sorted(path.parent.glob(path.name + ".orbax-checkpoint-tmp*")) if path.parent.is_dir() else []
+    if unfinished:
+        raise CheckpointError(f"the save to '{path}' never finished (only '{unfinished[0].name}' exists): the "
+                              "process stopped before Orbax committed it; use the previous checkpoint")
+    raise CheckpointError(f"no checkpoint at '{path}'")
+
+
+def _read_config(ck: ocp.Checkpointer, path: Path) -> dict:
+    if not (path / CONFIG).is_dir():
+        raise CheckpointError(f"'{path}' has no '{CONFIG}' item: it is not a lorax_fn adapter checkpoint, or "
+                              "it was damaged")
+    try:
+        cfg = ck.restore(path, args=ocp.args.Composite(**{CONFIG: ocp.args.JsonRestore()}))[CONFIG]
+    except Exception as err:  # Orbax raises many types for unreadable JSON
+        raise CheckpointError(f"cannot read the adapter config in '{path}': {err}") from err
+    return fmt.validate(cfg, str(path))
+
+
+def _stored_arrays(ck: ocp.Checkpointer, path: Path) -> Mapping:
+    try:
+        meta = ck.metadata(path).item_metadata[ARRAYS]
+        return meta.tree
+    except Exception as err:
+        raise CheckpointError(f"cannot read the array metadata in '{path}/{ARRAYS}': {err}") from err
+
+
+def read_adapter_config(directory: str | os.PathLike) -> dict:
+    """The JSON config of an adapter checkpoint (paths, ranks, layouts, shapes, dtypes, checksums).
+
+    Args:
+      directory: a directory written by :func:`save_adapters` (or one step of
+        :class:`AdapterCheckpointManager`).
+
+    Returns:
+      The config as a dict: ``adapters`` (one entry per LoRA weight),
+      ``trainable`` (fully trained leaves), ``library_version``, ``metadata``.
+
+    Raises:
+      CheckpointError: no finished checkpoint there, or no readable config.
+
+    Example:
+        >>> import tempfile, jax.numpy as jnp, lorax_fn as lf
+        >>> lp = lf.lorafy({"w": jnp.ones((4, 3))}, rank=2)
+        >>> d = lf.save_adapters(tempfile.mkdtemp() + "/ad", lp)
+        >>> [(e["path"], e["rank"], e["base"]["shape"]) for e in lf.read_adapter_config(d)["adapters"]]
+        [('w', 2, [4, 3])]
+    """
+    path = committed_dir(directory)
+    ck = composite_checkpointer()
+    try:
+        return _read_config(ck, path)
+    finally:
+        ck.close()
+
+
+def save_adapters(directory: str | os.PathLike, tree: Any, *, trainable: Targets = None,
+                  metadata: Mapping[str, Any] | None = None, overwrite: bool = False) -> Path:
+    """Write only the adapters of ``tree`` (and its ``trainable`` leaves) as an Orbax checkpoint.
+
+    Stores ``a``/``b`` of every :class:`LoraWeight` plus a JSON config: paths,
+    rank, alpha, variant, layout, base shapes and dtypes, the library version
+    and a CRC-32 of every array (checked on load). The base is not stored.
+
+    Args:
+      directory: where to write; must not exist unless ``overwrite``.
+      tree: the LoRA tree (from :func:`lorafy`, trained or not).
+      trainable: fully trained non-LoRA leaves to store as well (biases,
+        ``modules_to_save``-style heads), in the forms :func:`optimizer` takes.
+      metadata: JSON-serialisable notes kept in the config (e.g. the base model's name).
+      overwrite: replace an existing checkpoint. Orbax deletes the old one
+        before writing, so an overwrite is not crash-safe; training loops should
+        use :class:`AdapterCheckpointManager`, which writes one directory per step.
+
+    Returns:
+      The absolute path of the checkpoint.
+
+    Raises:
+      CheckpointError: ``directory`` exists and ``overwrite`` is False.
+      StructureError: the tree holds nothing to save, or a LoRA weight has no base.
+
+    Example:
+        >>> import tempfile, jax.numpy as jnp, lorax_fn as lf
+        >>> lp = lf.lorafy({"w": jnp.ones((4, 3)), "bias": jnp.zeros(3)}, rank=2)
+        >>> path = lf.save_adapters(tempfile.mkdtemp() + "/adapter", lp, trainable="bias")
+        >>> sorted(p.name for p in path.iterdir() if not p.name.startswith("_"))
+        ['arrays', 'commit_success.txt', 'config']
+    """
+    arrays, config = fmt.describe(tree, trainable, metadata)
+    path = Path(directory).expanduser().absolute()
+    if path.exists() and not overwrite:
+        raise CheckpointError(f"'{path}' already exists; pass overwrite=True to replace it")
+    ck = composite_checkpointer()
+    try:
+        ck.save(path, args=ocp.args.Composite(**{ARRAYS: ocp.args.StandardSave(arrays),
+                                                 CONFIG: ocp.args.JsonSave(config)}), force=overwrite)
+    finally:
+        ck.close()
+    return path
+
+
+def load_adapters(directory: str | os.PathLike, base: Any, *, shardings: Any = None,
+                  dtype: Any = None) -> Any:
+    """Read adapters saved by :func:`save_adapters` and attach them to ``base``.
+
+    Every check runs before an array is read: the config against the base
+    (paths, shapes, ranks), then the stored arrays against the config. Arrays
+    are read straight onto their target shardings, then their checksums are
+    verified.
+
+    Args:
+      directory: the checkpoint (or one step directory of :class:`AdapterCheckpointManager`).
+      base: the dense params the adapters were trained on (same structure and
+        shapes; the dtype may differ), or a LoRA tree of matching ranks, whose
+        ``w`` serve as the base.
+      shardings: where to put the arrays. ``None``: each adapter inherits its
+        base weight's sharding (``a`` the stack and ``in`` axes' part of the
+        spec, ``b`` the stack and ``out`` part, rank replicated); a LoRA-tree
+        ``base`` keeps the shardings of its own adapters. A single
+        ``Sharding``: the base sharding of every leaf. A pytree of the base's
+        structure with one ``Sharding`` per leaf: the base shardings to derive from.
+      dtype: cast every adapter array to this dtype. By default adapters keep
+        the dtype they were saved in, whatever the base's dtype (a bfloat16
+        base takes float32 adapters as they are; :func:`merge` returns the
+        base's dtype either way). Fully trained leaves always take the dtype of
+        the base leaf they replace.
+
+    Returns:
+      ``base`` with a :class:`LoraWeight` at every saved path and the saved
+      trainable leaves in place: ready for :func:`lora` or :func:`merge`.
+
+    Raises:
+      CheckpointError: nothing committed at ``directory`` (an unfinished save
+        is named as such), the config is missing or malformed, stored arrays
+        disagree with the config, or an array fails its checksum.
+      StructureError: the base does not fit: a path is missing, a shape
+        differs (the message names the path and both shapes), or a LoRA base
+        has different ranks.
+
+    Example:
+        >>> import tempfile, jax.numpy as jnp, lorax_fn as lf
+        >>> params = {"w": jnp.ones((4, 3))}
+        >>> d = lf.save_adapters(tempfile.mkdtemp() + "/ad", lf.lorafy(params, rank=2))
+        >>> lf.load_adapters(d, params)["w"]
+        LoraWeight(shape=(4, 3), dtype=float32, rank=2, alpha=2, in=(0,), out=(1,))
+    """
+    path = committed_dir(directory)
+    ck = composite_checkpointer()
+    try:
+        config = _read_config(ck, path)
+        p = fmt.plan(config, base, str(path), shardings)
+        fmt.check_stored(p, _stored_arrays(ck, path))
+        try:
+            restored = ck.restore(path, args=ocp.args.Composite(
+                **{ARRAYS: ocp.args.StandardRestore(p.targets())}))[ARRAYS]
+        except Exception as err:  # TensorStore and Orbax raise many types for damaged files
+            raise CheckpointError(f"cannot read the adapter arrays in '{path}': {err}") from err
+    finally:
+        ck.close()
+    return fmt.assemble(p, restored, dtype)
+
+
+def save_merged(directory: str | os.PathLike, tree: Any, *, overwrite: bool = False) -> Path:
+    """Fold the adapters in and write the dense params as a plain Orbax checkpoint.
+
+    The result is an ordinary ``StandardCheckpointer`` pytree checkpoint of
+    the original structure, shapes and dtypes: a Flax model restores it with
+    ``ocp.StandardCheckpointer().restore(directory, abstract_params)`` and
+    needs no lorax_fn.
+
+    Args:
+      directory: where to write; must not exist unless ``overwrite``.
+      tree: a LoRA tree (or any params tree; plain leaves pass through).
+      overwrite: replace an existing checkpoint (not crash-safe, see :func:`save_adapters`).
+
+    Returns:
+      The absolute path of the checkpoint.
+
+    Raises:
+      CheckpointError: ``directory`` exists and ``overwrite`` is False.
+
+    Example:
+        >>> import tempfile, jax.numpy as jnp, orbax.checkpoint as ocp, lorax_fn as lf
+        >>> lp = lf.lorafy({"w": jnp.ones((4, 3))}, rank=2)
+        >>> d = lf.save_merged(tempfile.mkdtemp() + "/merged", lp)
+        >>> with ocp.StandardCheckpointer() as ck:
+        ...     ck.restore(d)["w"].shape
+        (4, 3)
+    """
+    path = Path(directory).expanduser().absolute()
+    if path.exists() and not overwrite:
+        raise CheckpointError(f"'{path}' already exists; pass overwrite=True to replace it")
+    dense = merge(tree)
+    with ocp.StandardCheckpointer() as ck:
+        ck.save(path, dense, force=overwrite)
+    return path

@@ -1,0 +1,335 @@
+"""The on-disk description of an adapter checkpoint: what is stored, and the checks on load.
+
+An adapter checkpoint is an Orbax composite of two items:
+
+- ``arrays``: a flat dict of the adapter arrays, ``{"<i>": {"a": ..., "b": ...}}``
+  per LoRA weight and ``{"t<i>": array}`` per extra trainable leaf. Keys are
+  positions, not parameter paths, because Orbax joins nested keys with ``.``
+  and paths may contain any character.
+- ``config``: JSON naming, for every entry, the parameter path, rank, alpha,
+  variant, layout, the base weight's shape and dtype, and each stored array's
+  shape, dtype and CRC-32. The checksums are what turns a damaged file into an
+  error instead of silently wrong weights.
+
+This module builds both from a LoRA tree and, on load, checks a config against
+the base it is loaded onto and against the arrays Orbax reports, before any
+array is read.
+"""
+
+from __future__ import annotations
+
+import difflib
+import zlib
+from typing import Any, Mapping, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from .errors import CheckpointError, LoraError, StructureError
+from .lorafy import Targets, _matcher
+from .paths import leaves_with_paths
+from .sharding_rules import adapter_shardings, leaf_sharding
+from .weight import Layout, LoraWeight, factor_shapes, is_lora
+
+FORMAT = "lorax_fn.adapters"
+FORMAT_VERSION = 1
+ARRAYS, CONFIG = "arrays", "config"
+
+
+class Entry(NamedTuple):
+    """One stored item, resolved against a base tree."""
+
+    index: int  # position of the base leaf in the flattened base
+    key: str  # key in the ``arrays`` item
+    spec: dict  # the config entry
+    targets: Any  # ShapeDtypeStruct (trainable leaf) or {name: ShapeDtypeStruct} (adapter)
+
+
+class Plan(NamedTuple):
+    """Everything needed to read the arrays and rebuild the LoRA tree."""
+
+    leaves: list
+    treedef: Any
+    entries: list[Entry]
+    where: str
+
+    def targets(self) -> dict:
+        return {e.key: e.targets for e in self.entries}
+
+
+# ------------------------------------------------------------------ save side
+def crc32(x: Any) -> int | None:
+    """CRC-32 of an array's bytes in C order; ``None`` when the array is not all on this host."""
+    if isinstance(x, jax.Array) and not x.is_fully_addressable:
+        return None
+    arr = np.ascontiguousarray(np.asarray(x))
+    return zlib.crc32(arr.reshape(-1).view(np.uint8))
+
+
+def _array_spec(x: Any) -> dict:
+    return {"shape": list(np.shape(x)), "dtype": np.dtype(x.dtype).name, "crc32": crc32(x)}
+
+
+def _children(lw: LoraWeight) -> dict[str, Any]:
+    """The trained arrays of a LoRA weight by field name (every child but ``w``)."""
+    flat, _ = jax.tree_util.tree_flatten_with_path(lw.replace(w=None))
+    return {kp[0].name: x for kp, x in flat}
+
+
+def describe(tree: Any, trainable: Targets = None,
+             metadata: Mapping[str, Any] | None = None) -> tuple[dict, dict]:
+    """``(arrays, config)`` to store for the adapters of ``tree`` and its ``trainable`` leaves.
+
+    Raises:
+      StructureError: no adapters and no trainable leaves, or a LoRA weight
+        without its base (e.g. the output of ``adapters()``), whose shape the
+        config must record.
+    """
+    from . import __version__
+
+    extra = _matcher(trainable)
+    flat, _ = leaves_with_paths(tree, is_leaf=is_lora)
+    arrays, adapters, full = {}, [], []
+    for path, leaf in flat:
+        if is_lora(leaf):
+            if leaf.w is None:
+                raise StructureError(f"'{path}' has no base weight: save the full LoRA tree (the config "
+                                     "records each base shape), not the output of adapters()")
+            key = str(len(adapters))
+            kids = _children(leaf)
+            arrays[key] = kids
+            lay = leaf.layout
+            adapters.append({
+                "path": path, "key": key, "rank": leaf.rank, "alpha": leaf.alpha, "variant": leaf.variant,
+                "layout": {"stack": list(lay.stack), "in": list(lay.inputs), "out": list(lay.outputs)},
+                "base": {"shape": list(leaf.shape), "dtype": np.dtype(leaf.dtype).name},
+                "arrays": {name: _array_spec(x) for name, x in kids.items()},
+            })
+        elif extra is not None and leaf is not None and extra(path, leaf):
+            key = f"t{len(full)}"
+            arrays[key] = leaf
+            full.append({"path": path, "key": key, **_array_spec(leaf)})
+    if not adapters and not full:
+        raise StructureError("the tree has no LoRA weights and `trainable` matched no leaf: nothing to save")
+    config = {"format": FORMAT, "format_version": FORMAT_VERSION, "library_version": __version__,
+              "adapters": adapters, "trainable": full, "metadata": dict(metadata or {})}
+    return arrays, config
+
+
+# ------------------------------------------------------------------ load side
+def _need(d: Any, key: str, kind, where: str, what: str):
+    if not isinstance(d, Mapping) or key not in d or not isinstance(d[key], kind):
+        raise CheckpointError(f"{where}: config field '{what}{key}' is missing or malformed")
+    return d[key]
+
+
+def validate(config: Any, where: str) -> dict:
+    """Check the config's format and required fields; raise CheckpointError naming what is wrong."""
+    if not isinstance(config, Mapping):
+        raise CheckpointError(f"{where}: the adapter config is not a JSON object")
+    if config.get("format") != FORMAT:
+        raise CheckpointError(f"{where}: not a lorax_fn adapter config (format={config.get('format')!r})")
+    version = config.get("format_version")
+    if not isinstance(version, int) or version > FORMAT_VERSION:
+        raise CheckpointError(f"{where}: format_version {version!r} is newer than this library "
+                              f"understands ({FORMAT_VERSION}); upgrade lorax_fn")
+    for e in _need(config, "adapters", list, where, ""):
+        p = _need(e, "path", str, where, "adapters[].")
+        ctx = f"adapters['{p}']."
+        for k, kind in (("key", str), ("rank", int), ("alpha", (int, float)), ("variant", str),
+                        ("layout", Mapping), ("base", Mapping), ("arrays", Mapping)):
+            _need(e, k, kind, where, ctx)
+        for k in ("stack", "in", "out"):
+            _need(e["layout"], k, list, where, ctx + "layout.")
+        for k, kind in (("shape", list), ("dtype", str)):
+            _need(e["base"], k, kind, where, ctx + "base.")
+        for name, spec in e["arrays"].items():
+            for k, kind in (("shape", list), ("dtype", str)):
+                _need(spec, k, kind, where, f"{ctx}arrays.{name}.")
+    for e in _need(config, "trainable", list, where, ""):
+        p = _need(e, "path", str, where, "trainable[].")
+        for k, kind in (("key", str), ("shape", list), ("dtype", str)):
+            _need(e, k, kind, where, f"trainable['{p}'].")
+    return dict(config)
+
+
+def _layout(e: dict) -> Layout:
+    lay = e["layout"]
+    return Layout(tuple(lay["stack"]), tuple(lay["in"]), tuple(lay["out"]))
+
+
+def _expected(e: dict, where: str) -> dict[str, tuple]:
+    """Shapes of ``a`` and ``b`` implied by the base shape, layout and rank; the config must agree."""
+    shape, path = tuple(e["base"]["shape"]), e["path"]
+    try:
+        lay = _layout(e).check(shape, path)
+    except LoraError as err:
+        raise CheckpointError(f"{where}: {err}") from None
+    sa, sb = factor_shapes(shape, lay, e["rank"])
+    want = {"a": sa, "b": sb}
+    for name, spec in e["arrays"].items():
+        if name in want and tuple(spec["shape"]) != want[name]:
+            raise CheckpointError(
+                f"{where}: config for '{path}' is inconsistent: rank {e['rank']} on base {shape} needs "
+                f"{name} {want[name]}, the config lists {name} {tuple(spec['shape'])}")
+    if set(e["arrays"]) != set(want):
+        raise CheckpointError(f"{where}: config for '{path}' lists arrays {sorted(e['arrays'])}; this version "
+                              f"of lorax_fn reads exactly {sorted(want)}")
+    return want
+
+
+def _nearest(path: str, paths: list[str]) -> str:
+    near = difflib.get_close_matches(path, paths, n=3, cutoff=0.0)
+    return ", ".join(f"'{p}'" for p in near) or "(the base is empty)"
+
+
+def _base_shardings(base_leaves: list, shardings: Any) -> list:
+    """One sharding per flattened base leaf; ``None`` entries fall back to where the leaf lives."""
+    own = [leaf_sharding(x.w if is_lora(x) else x) for x in base_leaves]
+    if shardings is None:
+        return own
+    if isinstance(shardings, jax.sharding.Sharding):
+        return [shardings] * len(base_leaves)
+    flat = jax.tree_util.tree_flatten(shardings, is_leaf=lambda s: isinstance(s, jax.sharding.Sharding)
+                                      or s is None)[0]
+    if len(flat) != len(base_leaves):
+        raise StructureError(f"shardings has {len(flat)} leaves but the base has {len(base_leaves)}; pass "
+                             "one sharding per base leaf (the base's own structure), or a single sharding")
+    return [s if s is not None else o for s, o in zip(flat, own)]
+
+
+def plan(config: dict, base: Any, where: str, shardings: Any = None) -> Plan:
+    """Resolve every config entry against ``base`` and decide how each array is restored.
+
+    Raises:
+      StructureError: the base does not fit: a path is missing, a shape differs
+        (the message names the path and both shapes), or a LoRA leaf of the base
+        has a different rank or layout than the checkpoint.
+      CheckpointError: the config contradicts itself.
+    """
+    flat, treedef = leaves_with_paths(base, is_leaf=is_lora)
+    index = {p: i for i, (p, _) in enumerate(flat)}
+    leaves = [x for _, x in flat]
+    paths = [p for p, _ in flat]
+    where_sh = _base_shardings(leaves, shardings)
+    entries, claimed = [], set()
+
+    def locate(path: str, what: str) -> int:
+        if path not in index:
+            raise StructureError(f"{where}: the checkpoint has {what} for '{path}' but the base has no such "
+                                 f"leaf; nearest base paths: {_nearest(path, paths)}")
+        claimed.add(path)
+        return index[path]
+
+    for e in config["adapters"]:
+        path = e["path"]
+        want = _expected(e, where)
+        i = locate(path, "an adapter")
+        leaf = leaves[i]
+        saved = tuple(e["base"]["shape"])
+        got = tuple(np.shape(leaf.w if is_lora(leaf) else leaf))
+        if got != saved:
+            raise StructureError(f"{where}: adapter for '{path}' was trained on a base of shape {saved}, "
+                                 f"but the base given here has shape {got} at that path")
+        w = leaf.w if is_lora(leaf) else leaf
+        if not jnp.issubdtype(jnp.result_type(w), jnp.floating):
+            raise StructureError(f"{where}: base leaf '{path}' is {jnp.result_type(w)}, not floating point")
+        if is_lora(leaf):
+            have = {"a": tuple(np.shape(leaf.a)), "b": tuple(np.shape(leaf.b))}
+            if leaf.rank != e["rank"] or leaf.layout != _layout(e) or have != want:
+                raise StructureError(
+                    f"{where}: '{path}' in the given tree has rank {leaf.rank} (a {have['a']}, b {have['b']}) "
+                    f"but the checkpoint has rank {e['rank']} (a {want['a']}, b {want['b']})")
+        shard = adapter_shardings(where_sh[i], _layout(e), len(saved), path)
+        if is_lora(leaf) and shardings is None:
+            # a LoRA template (a training tree) keeps its adapters where they already live
+            shard = {k: leaf_sharding(getattr(leaf, k)) for k in shard}
+        tg = {name: jax.ShapeDtypeStruct(tuple(spec["shape"]), jnp.dtype(spec["dtype"]),
+                                         sharding=shard.get(name, where_sh[i]))
+              for name, spec in e["arrays"].items()}
+        entries.append(Entry(i, e["key"], e, tg))
+
+    for e in config["trainable"]:
+        path = e["path"]
+        i = locate(path, "a trained leaf")
+        leaf = leaves[i]
+        if is_lora(leaf):
+            raise StructureError(f"{where}: '{path}' is a fully trained leaf in the checkpoint but carries "
+                                 "an adapter in the given tree")
+        got, saved = tuple(np.shape(leaf)), tuple(e["shape"])
+        if got != saved:
+            raise StructureError(f"{where}: trained leaf '{path}' has shape {saved} in the checkpoint, but "
+                                 f"the base given here has shape {got} at that path")
+        tg = jax.ShapeDtypeStruct(saved, jnp.dtype(e["dtype"]), sharding=where_sh[i])
+        entries.append(Entry(i, e["key"], e, tg))
+
+    extra = [p for p, x in flat if is_lora(x) and p not in claimed]
+    if extra:
+        raise StructureError(f"{where}: the given tree has adapters the checkpoint does not have: "
+                             + ", ".join(f"'{p}'" for p in extra[:5]))
+    return Plan(leaves, treedef, entries, where)
+
+
+def check_stored(p: Plan, stored: Any) -> None:
+    """Compare the arrays Orbax reports (shape, dtype) with the config before reading them."""
+    if not isinstance(stored, Mapping):
+        raise CheckpointError(f"{p.where}: the arrays item holds no tree")
+    have = set(stored)
+    want = {e.key for e in p.entries}
+    if have != want:
+        raise CheckpointError(f"{p.where}: the arrays item holds keys {sorted(have)[:8]} but the config "
+                              f"describes {sorted(want)[:8]}; the checkpoint is incomplete or mixed up")
+    for e in p.entries:
+        got = stored[e.key]
+        pairs = e.targets.items() if isinstance(e.targets, Mapping) else [(None, e.targets)]
+        for name, tg in pairs:
+            m = got.get(name) if name is not None and isinstance(got, Mapping) else got
+            label = f"'{e.spec['path']}'" + (f" {name}" if name else "")
+            if m is None or not hasattr(m, "shape"):
+                raise CheckpointError(f"{p.where}: no stored array for {label}")
+            if tuple(m.shape) != tuple(tg.shape):
+                why = f" (rank {e.spec['rank']})" if "rank" in e.spec else ""
+                raise CheckpointError(f"{p.where}: stored array {label} has shape {tuple(m.shape)} but the "
+                                      f"config{why} says {tuple(tg.shape)}")
+            if getattr(m, "dtype", None) is not None and jnp.dtype(m.dtype) != jnp.dtype(tg.dtype):
+                raise CheckpointError(f"{p.where}: stored array {label} is {jnp.dtype(m.dtype)} but the "
+                                      f"config says {jnp.dtype(tg.dtype)}")
+
+
+def _verify(x: Any, spec: dict, label: str, where: str) -> None:
+    if tuple(np.shape(x)) != tuple(spec["shape"]):
+        raise CheckpointError(f"{where}: {label} was read with shape {tuple(np.shape(x))}, the config says "
+                              f"{tuple(spec['shape'])}")
+    want = spec.get("crc32")
+    if want is None:
+        return
+    got = crc32(x)
+    if got is not None and got != want:
+        raise CheckpointError(f"{where}: {label} fails its checksum (crc32 {got:#010x}, config "
+                              f"{want:#010x}); the array file is corrupted")
+
+
+def assemble(p: Plan, restored: Mapping, dtype: Any = None) -> Any:
+    """Verify checksums and put the restored arrays onto the base.
+
+    Adapters keep their stored dtype unless ``dtype`` is given; fully trained
+    leaves take the dtype of the base leaf they replace.
+    """
+    leaves = list(p.leaves)
+    for e in p.entries:
+        got = restored[e.key]
+        base_leaf = leaves[e.index]
+        w = base_leaf.w if is_lora(base_leaf) else base_leaf
+        if isinstance(e.targets, Mapping):
+            kids = {}
+            for name, spec in e.spec["arrays"].items():
+                x = got[name]
+                _verify(x, spec, f"'{e.spec['path']}' {name}", p.where)
+                kids[name] = x if dtype is None else x.astype(dtype)
+            leaves[e.index] = LoraWeight(w, rank=e.spec["rank"], alpha=e.spec["alpha"],
+                                         layout=_layout(e.spec), variant=e.spec["variant"], **kids)
+        else:
+            _verify(got, e.spec, f"trained leaf '{e.spec['path']}'", p.where)
+            leaves[e.index] = got.astype(jnp.result_type(w))
+    return jax.tree_util.tree_unflatten(p.treedef, leaves)

@@ -1,0 +1,217 @@
+"""Resumable training: `AdapterCheckpointManager`, an `ocp.CheckpointManager` over adapter steps.
+
+Each step directory holds three Orbax items: ``arrays`` and ``config`` (the same
+adapter checkpoint :func:`save_adapters` writes, so :func:`load_adapters` and
+``python -m lorax_fn inspect`` read any step) and ``train`` (the optimizer
+state, the step and the PRNG key). The frozen base is never written.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any, Mapping, NamedTuple
+
+import jax
+import orbax.checkpoint as ocp
+
+from . import ckpt_format as fmt
+from .ckpt_format import ARRAYS, CONFIG
+from .errors import CheckpointError
+from .lorafy import Targets
+
+TRAIN = "train"
+
+
+class Restored(NamedTuple):
+    """What :meth:`AdapterCheckpointManager.restore` returns: unpack it like a tuple.
+
+    Example:
+        >>> import tempfile, jax.numpy as jnp, lorax_fn as lf
+        >>> lp = lf.lorafy({"w": jnp.ones((4, 3))}, rank=2)
+        >>> with lf.AdapterCheckpointManager(tempfile.mkdtemp(), async_save=False) as ckpt:
+        ...     _ = ckpt.save(5, lp)
+        ...     tree, opt_state, step, rng = ckpt.restore(lp)
+        >>> step, opt_state, rng
+        (5, None, None)
+    """
+
+    tree: Any
+    opt_state: Any
+    step: int
+    rng: Any
+
+
+def _abstract(x: Any) -> Any:
+    """ShapeDtypeStructs that keep each array's sharding, so a restore lands where the template lives."""
+    return jax.tree.map(ocp.utils.to_shape_dtype_struct, x)
+
+
+def _train_item(step: int, opt_state: Any, rng: Any) -> dict:
+    item: dict[str, Any] = {"step": int(step)}
+    if opt_state is not None:
+        item["opt_state"] = opt_state
+    if rng is not None:
+        # typed keys are not arrays Orbax can write; their bits are, and the template's impl rewraps them
+        item["rng"] = jax.random.key_data(rng) if jax.dtypes.issubdtype(rng.dtype, jax.dtypes.prng_key) else rng
+    return item
+
+
+class AdapterCheckpointManager:
+    """Periodic, asynchronous, crash-safe checkpoints of a LoRA training run.
+
+    Wraps ``ocp.CheckpointManager``: one directory per step, written to a
+    temporary name and renamed on commit (a process killed mid-save leaves the
+    previous step intact), the oldest removed beyond ``max_to_keep``. With
+    ``async_save`` the arrays are copied off the device during :meth:`save`
+    and written in the background while training continues; :meth:`close`
+    (or leaving a ``with`` block) waits for the last write.
+
+    Args:
+      directory: the run's checkpoint directory (created if missing).
+      max_to_keep: how many recent steps to keep (``None``: all).
+      save_interval_steps: :meth:`save` writes only at multiples of this.
+      async_save: write in a background thread.
+      trainable: fully trained non-LoRA leaves to store with the adapters
+        (the same ``trainable`` you gave :func:`optimizer`).
+      metadata: JSON notes stored in every step's adapter config.
+
+    Example:
+        >>> import tempfile, jax, jax.numpy as jnp, optax, lorax_fn as lf
+        >>> lp = lf.lorafy({"w": jnp.ones((4, 3))}, rank=2)
+        >>> tx = lf.optimizer(optax.sgd(0.1), lp)
+        >>> opt_state, rng = tx.init(lp), jax.random.key(0)
+        >>> with lf.AdapterCheckpointManager(tempfile.mkdtemp(), max_to_keep=2) as ckpt:
+        ...     for step in range(1, 4):
+        ...         _ = ckpt.save(step, lp, opt_state, rng)
+        ...     ckpt.wait_until_finished()
+        ...     r = ckpt.restore(lp, opt_state, rng)
+        ...     ckpt.all_steps(), r.step
+        ([2, 3], 3)
+    """
+
+    def __init__(self, directory: str | os.PathLike, *, max_to_keep: int | None = 3,
+                 save_interval_steps: int = 1, async_save: bool = True, trainable: Targets = None,
+                 metadata: Mapping[str, Any] | None = None):
+        self._trainable, self._metadata = trainable, metadata
+        if int(save_interval_steps) < 1:
+            raise ValueError(f"save_interval_steps must be a positive integer, got {save_interval_steps!r}")
+        interval = int(save_interval_steps)
+        # exactly the multiples of the interval (Orbax's default policy also saves the first step it sees);
+        # Orbax adds its preemption policy to this one, so a preempted TPU job still saves
+        options = ocp.CheckpointManagerOptions(max_to_keep=max_to_keep,
+                                               should_save_fn=lambda step, last: step % interval == 0,
+                                               enable_async_checkpointing=async_save, create=True)
+        self._mgr = ocp.CheckpointManager(
+            Path(directory).expanduser().absolute(), options=options,
+            item_handlers={ARRAYS: ocp.StandardCheckpointHandler(), CONFIG: ocp.JsonCheckpointHandler(),
+                           TRAIN: ocp.StandardCheckpointHandler()})
+
+    # -- bookkeeping -------------------------------------------------------
+    @property
+    def directory(self) -> Path:
+        """The run's checkpoint directory."""
+        return Path(self._mgr.directory)
+
+    def step_directory(self, step: int) -> Path:
+        """The directory of one committed step; :func:`load_adapters` reads it."""
+        return self.directory / str(step)
+
+    def latest_step(self) -> int | None:
+        """The newest committed step, or ``None`` before the first save finished."""
+        return self._mgr.latest_step()
+
+    def all_steps(self) -> list[int]:
+        """Every committed step still on disk, oldest first."""
+        return sorted(self._mgr.all_steps())
+
+    def should_save(self, step: int) -> bool:
+        """Whether :meth:`save` would write at ``step`` (interval and duplicates)."""
+        return self._mgr.should_save(step)
+
+    def wait_until_finished(self) -> None:
+        """Block until every pending background write has committed."""
+        self._mgr.wait_until_finished()
+
+    def close(self) -> None:
+        """Wait for pending writes, then release Orbax's threads."""
+        self._mgr.wait_until_finished()
+        self._mgr.close()
+
+    def __enter__(self) -> "AdapterCheckpointManager":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    # -- save / restore ----------------------------------------------------
+    def save(self, step: int, tree: Any, opt_state: Any = None, rng: Any = None, *,
+             force: bool = False) -> bool:
+        """Checkpoint the adapters of ``tree``, ``opt_state``, ``step`` and ``rng``.
+
+        Args:
+          step: the number of finished training steps.
+          tree: the LoRA tree (its base is not written).
+          opt_state: the optimizer state (any pytree; optional).
+          rng: a PRNG key (typed or raw ``uint32``) to resume the random stream.
+          force: write even when ``step`` is off the save interval.
+
+        Returns:
+          Whether a save was started (False off the interval).
+
+        Raises:
+          StructureError: ``tree`` holds no adapters and no ``trainable`` leaves.
+        """
+        if not force and not self._mgr.should_save(step):
+            return False
+        arrays, config = fmt.describe(tree, self._trainable, self._metadata)
+        args = ocp.args.Composite(**{ARRAYS: ocp.args.StandardSave(arrays), CONFIG: ocp.args.JsonSave(config),
+                                     TRAIN: ocp.args.StandardSave(_train_item(step, opt_state, rng))})
+        return bool(self._mgr.save(step, args=args, force=force))
+
+    def restore(self, tree: Any, opt_state: Any = None, rng: Any = None, *, step: int | None = None,
+                dtype: Any = None) -> Restored:
+        """Read a step back: adapters onto ``tree``'s base, optimizer state and key like the templates.
+
+        Args:
+          tree: the LoRA tree of this run (e.g. fresh from :func:`lorafy`): its
+            base is kept, its adapters are replaced, and restored adapters land
+            on the shardings of its current ones. A dense base works too.
+          opt_state: a template of the optimizer state (e.g. ``tx.init(tree)``);
+            restored onto the same structure and shardings. Pass it iff you saved one.
+          rng: a template key of the saved kind; pass it iff you saved one.
+          step: which step (default: the latest).
+          dtype: as in :func:`load_adapters`.
+
+        Returns:
+          ``Restored(tree, opt_state, step, rng)``.
+
+        Raises:
+          CheckpointError: no committed step, a damaged step, or templates that
+            do not match what was saved.
+          StructureError: ``tree`` does not fit the saved adapters (path, shape, rank).
+        """
+        step = self.latest_step() if step is None else int(step)
+        if step is None:
+            raise CheckpointError(f"no committed checkpoint in '{self.directory}'")
+        where = str(self.step_directory(step))
+        try:
+            config = self._mgr.restore(step, args=ocp.args.Composite(**{CONFIG: ocp.args.JsonRestore()}))[CONFIG]
+            stored = self._mgr.item_metadata(step)[ARRAYS].tree
+        except Exception as err:  # a missing step, a damaged item: Orbax raises many types
+            raise CheckpointError(f"cannot read checkpoint step {step} in '{self.directory}': {err}") from err
+        p = fmt.plan(fmt.validate(config, where), tree, where)
+        fmt.check_stored(p, stored)
+        template = _train_item(step, opt_state, rng)
+        try:
+            got = self._mgr.restore(step, args=ocp.args.Composite(**{
+                ARRAYS: ocp.args.StandardRestore(p.targets()),
+                TRAIN: ocp.args.StandardRestore(_abstract(template))}))
+        except Exception as err:
+            raise CheckpointError(f"cannot restore step {step} from '{self.directory}' onto the given "
+                                  f"templates (did you pass the opt_state/rng it was saved with?): {err}") from err
+        train = got[TRAIN]
+        key = train.get("rng")
+        if key is not None and rng is not None and jax.dtypes.issubdtype(rng.dtype, jax.dtypes.prng_key):
+            key = jax.random.wrap_key_data(key, impl=jax.random.key_impl(rng))
+        return Restored(fmt.assemble(p, got[ARRAYS], dtype), train.get("opt_state"), int(train["step"]), key)

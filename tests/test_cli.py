@@ -1,0 +1,108 @@
+"""`python -m lorax_fn`: --help, inspect (lorax_fn and PEFT formats), merge into a base checkpoint."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import chex
+import jax
+import jax.numpy as jnp
+import numpy as np
+import orbax.checkpoint as ocp
+import pytest
+
+import lorax_fn as lf
+from lorax_fn import cli
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def cli_run(*args):
+    return subprocess.run([sys.executable, "-m", "lorax_fn", *map(str, args)], capture_output=True, text=True,
+                          cwd=ROOT, timeout=300)
+
+
+@pytest.fixture()
+def adapter(tmp_path):
+    rng = np.random.default_rng(0)
+    params = {"enc": {"kernel": jnp.asarray(rng.standard_normal((12, 4, 2)), jnp.float32),
+                      "bias": jnp.asarray(rng.standard_normal(8), jnp.float32)},
+              "head": {"kernel": jnp.asarray(rng.standard_normal((8, 5)), jnp.float32)}}
+    lp = lf.lorafy(params, rank=2, alpha=6, targets=".*kernel", layout={"enc/kernel": ((), (0,), (1, 2))})
+    lp = jax.tree.map(lambda x: x.replace(b=jnp.full(x.b.shape, 0.5)) if lf.is_lora(x) else x, lp,
+                      is_leaf=lf.is_lora)
+    return params, lp, lf.save_adapters(tmp_path / "adapter", lp, trainable="enc/bias", metadata={"task": "t"})
+
+
+def test_help_explains_itself(capsys):
+    res = cli_run("--help")
+    assert res.returncode == 0
+    for words in ("inspect", "merge", "size on disk", "standard Orbax pytree checkpoint", "PEFT", "examples:"):
+        assert words in res.stdout
+    with pytest.raises(SystemExit) as exc:
+        cli.main(["merge", "--help"])
+    out = capsys.readouterr().out
+    assert exc.value.code == 0 and "--adapters" in out and "--base" in out and "--out" in out
+    with pytest.raises(SystemExit) as exc:
+        cli.main([])
+    assert exc.value.code == 2 and "required" in capsys.readouterr().err
+
+
+def test_inspect(adapter):
+    params, lp, path = adapter
+    res = cli_run("inspect", path)
+    assert res.returncode == 0, res.stderr[-2000:]
+    out = res.stdout
+    size = sum(f.stat().st_size for f in path.rglob("*") if f.is_file())
+    assert f"{size:,} bytes" in out
+    assert f"lorax_fn {lf.__version__}" in out and '{"task": "t"}' in out
+    assert "2 weights, rank 2, alpha 6" in out
+    assert "66 in adapters (on 136 base weights) + 8 in 1 fully trained leaves" in out  # 24+16 + 16+10
+    row = next(line for line in out.splitlines() if line.startswith("enc/kernel"))
+    assert row.split()[:5] == ["enc/kernel", "(12,", "4,", "2)", "float32"]
+    assert "()/(0,)/(1, 2)" in row and "(12, 2) float32" in row and "(2, 4, 2) float32" in row
+
+    res = cli_run("inspect", path, "--json")
+    got = json.loads(res.stdout)
+    assert got["bytes_on_disk"] == size and got["config"] == lf.read_adapter_config(path)
+
+
+def test_merge_into_a_base_checkpoint(adapter, tmp_path):
+    params, lp, path = adapter
+    with ocp.StandardCheckpointer() as ck:
+        ck.save(tmp_path / "base", params)
+    res = cli_run("merge", "--adapters", path, "--base", tmp_path / "base", "--out", tmp_path / "merged")
+    assert res.returncode == 0, res.stderr[-2000:]
+    assert "merged 2 adapters" in res.stdout
+    with ocp.StandardCheckpointer() as ck:
+        merged = ck.restore(tmp_path / "merged", jax.eval_shape(lambda: params))
+    want = lf.merge(lf.load_adapters(path, params))  # the trained bias is part of the result
+    chex.assert_trees_all_equal(merged, want)
+    assert not np.array_equal(merged["head"]["kernel"], params["head"]["kernel"])
+
+    res = cli_run("merge", "--adapters", path, "--base", tmp_path / "base", "--out", tmp_path / "merged")
+    assert res.returncode == 1 and "error: " in res.stderr and "already exists" in res.stderr
+
+
+def test_inspect_in_process_peft_manager_and_errors(adapter, tmp_path, capsys):
+    params, lp, path = adapter
+    peft_dir = lf.save_peft(tmp_path / "peft", lp)
+    assert cli.main(["inspect", str(peft_dir)]) == 0
+    out = capsys.readouterr().out
+    assert "PEFT adapter" in out and '"LORA"' in out and "base_model.model.enc.lora_A.weight" in out
+    assert "(2, 12)" in out and "(8, 2)" in out  # torch orientation: (r, in), (out, r)
+
+    with lf.AdapterCheckpointManager(tmp_path / "run", async_save=False) as ckpt:
+        for step in (1, 2):
+            ckpt.save(step, lp)
+    assert cli.main(["inspect", str(tmp_path / "run")]) == 0
+    assert "steps [1, 2]; showing step 2" in capsys.readouterr().out
+
+    assert cli.main(["inspect", str(tmp_path / "missing")]) == 1
+    assert "error: no checkpoint at" in capsys.readouterr().err
+    with ocp.StandardCheckpointer() as ck:
+        ck.save(tmp_path / "other", {"enc": {"kernel": np.zeros((3, 3), np.float32)}})
+    assert cli.main(["merge", "--adapters", str(path), "--base", str(tmp_path / "other"),
+                     "--out", str(tmp_path / "m")]) == 1
+    assert "'enc/kernel'" in capsys.readouterr().err

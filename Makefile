@@ -2,7 +2,7 @@ PY ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 
-.PHONY: demo test test-fast clean
+.PHONY: demo test test-fast bench bench-env clean
 
 $(BIN)/python:
 	$(PY) -m venv $(VENV)
@@ -20,6 +20,21 @@ test: $(VENV)/.installed
 
 test-fast: $(VENV)/.installed
 	$(BIN)/python -m pytest -q -n 2 -m "not slow"
+
+# the jax-lorax baseline needs an older JAX, so it gets its own environment
+JAX_LORAX := benchmarks/.venv-jax-lorax
+
+bench: $(VENV)/.installed
+	-$(MAKE) --no-print-directory bench-env
+	py=$(JAX_LORAX)/bin/python; if [ -x $$py ]; then export JAX_LORAX_PYTHON=$$PWD/$$py; fi; \
+	$(BIN)/python benchmarks/bench.py --write-docs
+
+bench-env: $(JAX_LORAX)/.installed
+
+$(JAX_LORAX)/.installed: benchmarks/requirements-jax-lorax.txt
+	$(PY) -m venv $(JAX_LORAX)
+	$(JAX_LORAX)/bin/pip install --quiet -r benchmarks/requirements-jax-lorax.txt
+	touch $@
 
 clean:
 	rm -rf $(VENV) .pytest_cache .hypothesis

@@ -1,0 +1,128 @@
+"""Shared plumbing for the benchmark scripts: timing, XLA analyses, process
+memory, the machine record, JSON lines and Markdown tables, subprocesses.
+
+Self-contained (no lorax_fn import) so baselines can run it in their own
+environments.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import resource
+import statistics
+import subprocess
+import sys
+import time
+from typing import Any, Callable, Iterable
+
+import jax
+
+
+def machine() -> dict[str, Any]:
+    """What the numbers were measured on."""
+    dev = jax.devices()[0]
+    cpu = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo") as f:
+            cpu = next(l.split(":", 1)[1].strip() for l in f if l.startswith("model name"))
+    except (OSError, StopIteration):
+        pass
+    return {
+        "jax": jax.__version__,
+        "backend": jax.default_backend(),
+        "device": getattr(dev, "device_kind", str(dev)),
+        "devices": jax.device_count(),
+        "cpu": cpu,
+        "cpus": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count(),
+        "python": platform.python_version(),
+        "xla_flags": os.environ.get("XLA_FLAGS", ""),
+    }
+
+
+def block(tree):
+    return jax.tree.map(lambda x: x.block_until_ready() if hasattr(x, "block_until_ready") else x,
+                        tree)
+
+
+def median_time(step: Callable[[], Any], steps: int, warmup: int = 2) -> tuple[float, list[float]]:
+    """Median wall time of ``step()`` in ms (each call blocked until ready)."""
+    for _ in range(warmup):
+        block(step())
+    times = []
+    for _ in range(steps):
+        t0 = time.perf_counter()
+        block(step())
+        times.append((time.perf_counter() - t0) * 1e3)
+    return statistics.median(times), times
+
+
+def analyses(compiled) -> dict[str, Any]:
+    """Compiled FLOPs and XLA's memory plan (bytes) of a ``jax.stages.Compiled``."""
+    out: dict[str, Any] = {}
+    cost = compiled.cost_analysis()
+    if isinstance(cost, (list, tuple)):  # older JAX returns one dict per computation
+        cost = cost[0] if cost else {}
+    out["flops"] = float(cost.get("flops", float("nan"))) if cost else float("nan")
+    mem = compiled.memory_analysis()
+    if mem is not None:
+        for k in ("argument", "output", "temp", "alias"):
+            out[f"{k}_bytes"] = int(getattr(mem, f"{k}_size_in_bytes", 0))
+        # what the step needs resident: inputs + outputs that are not donated back + scratch
+        out["compiled_bytes"] = out["argument_bytes"] + out["output_bytes"] - out["alias_bytes"] \
+            + out["temp_bytes"]
+    return out
+
+
+def peak_rss_mb() -> float:
+    """Peak resident set size of this process so far, in MiB."""
+    kb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return kb / 1024 if sys.platform != "darwin" else kb / 2**20
+
+
+def tree_bytes(tree) -> int:
+    return sum(int(x.size) * x.dtype.itemsize for x in jax.tree.leaves(tree) if hasattr(x, "dtype"))
+
+
+def emit(record: dict[str, Any]) -> None:
+    """One JSON line on stdout, tagged so the parent can pick it out of the noise."""
+    print("BENCH " + json.dumps(record, sort_keys=True), flush=True)
+
+
+def run_child(argv: list[str], timeout: float = 1200, python: str | None = None,
+              env: dict[str, str] | None = None) -> list[dict[str, Any]]:
+    """Run a benchmark configuration in its own process; return its records.
+
+    A child that fails yields one record with ``"error"`` so no row is dropped silently.
+    """
+    cmd = [python or sys.executable, *argv]
+    try:
+        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout,
+                              env={**os.environ, **(env or {})})
+    except subprocess.TimeoutExpired:
+        return [{"error": f"timed out after {timeout:.0f} s", "argv": argv}]
+    recs = [json.loads(l[6:]) for l in proc.stdout.splitlines() if l.startswith("BENCH ")]
+    if proc.returncode != 0 or not recs:
+        tail = (proc.stderr or proc.stdout).strip().splitlines()[-3:]
+        recs.append({"error": " | ".join(tail) or f"exit {proc.returncode}", "argv": argv})
+    return recs
+
+
+def table(rows: Iterable[dict[str, Any]], columns: list[tuple[str, str, str]]) -> str:
+    """A Markdown table. ``columns`` are ``(key, header, format)``; missing cells print ``–``."""
+    lines = ["| " + " | ".join(h for _, h, _ in columns) + " |",
+             "|" + "|".join("---" for _ in columns) + "|"]
+    for r in rows:
+        cells = []
+        for key, _, fmt in columns:
+            v = r.get(key)
+            cells.append("–" if v is None or v != v else (fmt.format(v) if fmt else str(v)))
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def machine_line(m: dict[str, Any]) -> str:
+    flags = f", XLA_FLAGS={m['xla_flags']}" if m.get("xla_flags") else ""
+    return (f"{m['cpus']} × {m['cpu']} ({m['backend']}, {m['device']}), JAX {m['jax']}, "
+            f"Python {m['python']}{flags}")

@@ -42,8 +42,11 @@ def bench_merge(a) -> dict:
     lf, shape, _, params, lp = _setup(a)
     merge = jax.jit(lf.merge)
     copy = jax.jit(lambda p: jax.tree.map(lambda x: x + 0, p))
-    t_merge, _ = C.median_time(lambda: merge(lp), a.repeats)
-    t_copy, _ = C.median_time(lambda: copy(params), a.repeats)
+    # interleaved rounds: both are memory-bound and this machine's bandwidth drifts
+    rounds = [(C.median_time(lambda: merge(lp), a.repeats)[0],
+               C.median_time(lambda: copy(params), a.repeats)[0]) for _ in range(3)]
+    t_merge = statistics.median(m for m, _ in rounds)
+    t_copy = statistics.median(c for _, c in rounds)
     adapted = sum(int(x.w.size) for x in jax.tree.leaves(lp, is_leaf=lf.is_lora) if lf.is_lora(x))
     total = sum(int(x.size) for x in jax.tree.leaves(params))
     return {"bench": "merge", **dataclasses.asdict(shape), "rank": a.rank, "merge_ms": t_merge,

@@ -97,15 +97,16 @@ def run_child(argv: list[str], timeout: float = 1200, python: str | None = None,
     A child that fails yields one record with ``"error"`` so no row is dropped silently.
     """
     cmd = [python or sys.executable, *argv]
+    shown = [os.path.basename(argv[0]), *argv[1:]]  # records may be committed: no machine paths
     try:
         proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout,
                               env={**os.environ, **(env or {})})
     except subprocess.TimeoutExpired:
-        return [{"error": f"timed out after {timeout:.0f} s", "argv": argv}]
+        return [{"error": f"timed out after {timeout:.0f} s", "argv": shown}]
     recs = [json.loads(l[6:]) for l in proc.stdout.splitlines() if l.startswith("BENCH ")]
     if proc.returncode != 0 or not recs:
         tail = (proc.stderr or proc.stdout).strip().splitlines()[-3:]
-        recs.append({"error": " | ".join(tail) or f"exit {proc.returncode}", "argv": argv})
+        recs.append({"error": " | ".join(tail) or f"exit {proc.returncode}", "argv": shown})
     return recs
 
 

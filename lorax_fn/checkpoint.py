@@ -9,8 +9,9 @@ crash mid-save leaves no half-written checkpoint under the final name.
 from __future__ import annotations
 
 import os
+import shutil
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, Callable, Mapping
 
 import orbax.checkpoint as ocp
 
@@ -22,23 +23,69 @@ from .merge import merge
 
 __all__ = ["load_adapters", "read_adapter_config", "save_adapters", "save_merged"]
 
+# an overwrite writes the new checkpoint next to the old one and swaps the two directories
+NEW_SUFFIX, OLD_SUFFIX = ".lorax-new", ".lorax-old"
 
-def composite_checkpointer(**extra_items) -> ocp.Checkpointer:
-    """A synchronous Orbax checkpointer for the ``arrays`` + ``config`` composite."""
+
+def composite_checkpointer(**extra_items: ocp.CheckpointHandler) -> ocp.Checkpointer:
+    """A synchronous Orbax checkpointer for the ``arrays`` + ``config`` composite.
+
+    ``extra_items`` adds more items by name (name → handler), as in
+    ``ocp.CompositeCheckpointHandler``.
+    """
     handlers = {ARRAYS: ocp.StandardCheckpointHandler(), CONFIG: ocp.JsonCheckpointHandler(), **extra_items}
     return ocp.Checkpointer(ocp.CompositeCheckpointHandler(**handlers))
 
 
 def committed_dir(directory: str | os.PathLike) -> Path:
-    """The absolute path of a finished checkpoint, or a CheckpointError saying what is there instead."""
+    """The absolute path of a finished checkpoint, or a CheckpointError saying what is there instead.
+
+    Orbax commits by renaming ``<name>.orbax-checkpoint-tmp*`` to ``<name>``,
+    so a directory under the final name is a finished save; only the
+    temporary name is left by a save that died. Recent Orbax versions also
+    write ``commit_success.txt`` on commit, but it is not required here:
+    atomic-rename saves by older Orbax versions (which this package
+    supports) carry none, and Orbax itself reads those as finished.
+    """
     path = Path(directory).expanduser().absolute()
     if path.is_dir():
         return path
+    new, old = path.with_name(path.name + NEW_SUFFIX), path.with_name(path.name + OLD_SUFFIX)
+    if new.is_dir() and old.is_dir():
+        raise CheckpointError(f"an overwrite of '{path}' was interrupted between its two renames: the new "
+                              f"checkpoint is complete at '{new}', the previous one is at '{old}'; rename the one "
+                              f"you want to '{path}'")
     unfinished = sorted(path.parent.glob(path.name + ".orbax-checkpoint-tmp*")) if path.parent.is_dir() else []
     if unfinished:
         raise CheckpointError(f"the save to '{path}' never finished (only '{unfinished[0].name}' exists): the "
                               "process stopped before Orbax committed it; use the previous checkpoint")
     raise CheckpointError(f"no checkpoint at '{path}'")
+
+
+def _save_replacing(path: Path, overwrite: bool, write: Callable[[Path], None]) -> None:
+    """Run ``write(target)`` so that an existing checkpoint at ``path`` is replaced only once the new one is committed.
+
+    Orbax's own ``force=True`` deletes the old directory before writing, so a
+    crash mid-save would lose both. Here the new checkpoint is written (and
+    committed by Orbax) under ``<path>.lorax-new``, then the old one is renamed
+    aside, the new one renamed in, and the old one deleted. A crash before the
+    first rename leaves the old checkpoint in place; between the renames, both
+    are complete on disk and :func:`committed_dir` says where.
+    """
+    if not path.exists():
+        write(path)
+        return
+    if not overwrite:
+        raise CheckpointError(f"'{path}' already exists; pass overwrite=True to replace it")
+    new, old = path.with_name(path.name + NEW_SUFFIX), path.with_name(path.name + OLD_SUFFIX)
+    # left by an earlier overwrite that stopped while writing, or before or after its renames
+    for stale in [new, old, *path.parent.glob(new.name + ".orbax-checkpoint-tmp*")]:
+        if stale.exists():
+            shutil.rmtree(stale)
+    write(new)
+    os.rename(path, old)
+    os.rename(new, path)
+    shutil.rmtree(old)
 
 
 def _read_config(ck: ocp.Checkpointer, path: Path) -> dict:
@@ -103,9 +150,10 @@ def save_adapters(directory: str | os.PathLike, tree: Any, *, trainable: Targets
       trainable: fully trained non-LoRA leaves to store as well (biases,
         ``modules_to_save``-style heads), in the forms :func:`optimizer` takes.
       metadata: JSON-serialisable notes kept in the config (e.g. the base model's name).
-      overwrite: replace an existing checkpoint. Orbax deletes the old one
-        before writing, so an overwrite is not crash-safe; training loops should
-        use :class:`AdapterCheckpointManager`, which writes one directory per step.
+      overwrite: replace an existing checkpoint. The new one is written next
+        to it (``<directory>.lorax-new``) and swapped in once committed, so a
+        crash never leaves neither; training loops should still use
+        :class:`AdapterCheckpointManager`, which writes one directory per step.
 
     Returns:
       The absolute path of the checkpoint.
@@ -123,14 +171,16 @@ def save_adapters(directory: str | os.PathLike, tree: Any, *, trainable: Targets
     """
     arrays, config = fmt.describe(tree, trainable, metadata)
     path = Path(directory).expanduser().absolute()
-    if path.exists() and not overwrite:
-        raise CheckpointError(f"'{path}' already exists; pass overwrite=True to replace it")
-    ck = composite_checkpointer()
-    try:
-        ck.save(path, args=ocp.args.Composite(**{ARRAYS: ocp.args.StandardSave(arrays),
-                                                 CONFIG: ocp.args.JsonSave(config)}), force=overwrite)
-    finally:
-        ck.close()
+
+    def write(target: Path) -> None:
+        ck = composite_checkpointer()
+        try:
+            ck.save(target, args=ocp.args.Composite(**{ARRAYS: ocp.args.StandardSave(arrays),
+                                                       CONFIG: ocp.args.JsonSave(config)}))
+        finally:
+            ck.close()
+
+    _save_replacing(path, overwrite, write)
     return path
 
 
@@ -206,7 +256,7 @@ def save_merged(directory: str | os.PathLike, tree: Any, *, overwrite: bool = Fa
     Args:
       directory: where to write; must not exist unless ``overwrite``.
       tree: a LoRA tree (or any params tree; plain leaves pass through).
-      overwrite: replace an existing checkpoint (not crash-safe, see :func:`save_adapters`).
+      overwrite: replace an existing checkpoint, crash-safely (see :func:`save_adapters`).
 
     Returns:
       The absolute path of the checkpoint.
@@ -226,6 +276,10 @@ def save_merged(directory: str | os.PathLike, tree: Any, *, overwrite: bool = Fa
     if path.exists() and not overwrite:
         raise CheckpointError(f"'{path}' already exists; pass overwrite=True to replace it")
     dense = merge(tree)
-    with ocp.StandardCheckpointer() as ck:
-        ck.save(path, dense, force=overwrite)
+
+    def write(target: Path) -> None:
+        with ocp.StandardCheckpointer() as ck:
+            ck.save(target, dense)
+
+    _save_replacing(path, overwrite, write)
     return path

@@ -18,7 +18,10 @@ array is read.
 
 from __future__ import annotations
 
+import collections
 import difflib
+import json
+import math
 import zlib
 from typing import Any, Mapping, NamedTuple
 
@@ -33,8 +36,11 @@ from .sharding_rules import adapter_shardings, leaf_sharding
 from .weight import Layout, LoraWeight, factor_shapes, is_lora
 
 FORMAT = "lorax_fn.adapters"
-FORMAT_VERSION = 1
+# 2: the config carries ``config_crc32``; version-1 configs (without it) still load
+FORMAT_VERSION = 2
 ARRAYS, CONFIG = "arrays", "config"
+CONFIG_CRC = "config_crc32"
+VARIANTS = ("lora", "rslora")  # the values LoraWeight.scale understands
 
 
 class Entry(NamedTuple):
@@ -55,6 +61,7 @@ class Plan(NamedTuple):
     where: str
 
     def targets(self) -> dict:
+        """``{arrays key: ShapeDtypeStruct(s)}``: the restore targets Orbax reads onto."""
         return {e.key: e.targets for e in self.entries}
 
 
@@ -68,7 +75,28 @@ def crc32(x: Any) -> int | None:
 
 
 def _array_spec(x: Any) -> dict:
-    return {"shape": list(np.shape(x)), "dtype": np.dtype(x.dtype).name, "crc32": crc32(x)}
+    # np.asarray: a trainable leaf may be a Python scalar, which has no .dtype
+    arr = x if isinstance(x, jax.Array) else np.asarray(x)
+    return {"shape": list(np.shape(arr)), "dtype": np.dtype(arr.dtype).name, "crc32": crc32(arr)}
+
+
+def config_crc32(config: Mapping) -> int:
+    """CRC-32 of the config's canonical JSON (sorted keys, compact), without the CRC field itself.
+
+    Taken after a JSON round trip, so tuples/lists and int/str keys give the
+    same value at save time as after reading the file back.
+    """
+    body = {k: v for k, v in config.items() if k != CONFIG_CRC}
+    canon = json.dumps(json.loads(json.dumps(body)), sort_keys=True, separators=(",", ":"))
+    return zlib.crc32(canon.encode())
+
+
+def _check_unique(path: str, seen: set, what: str) -> None:
+    """Paths are '/'-joined keys, so a key "a/b" and nested a → b give the same string: refuse to guess."""
+    if path in seen:
+        raise StructureError(f"two leaves of {what} have the same path '{path}' (e.g. a key containing '/' "
+                             "next to nested keys of the same names); rename one, paths must be unique")
+    seen.add(path)
 
 
 def _children(lw: LoraWeight) -> dict[str, Any]:
@@ -82,17 +110,18 @@ def describe(tree: Any, trainable: Targets = None,
     """``(arrays, config)`` to store for the adapters of ``tree`` and its ``trainable`` leaves.
 
     Raises:
-      StructureError: no adapters and no trainable leaves, or a LoRA weight
+      StructureError: no adapters and no trainable leaves, a LoRA weight
         without its base (e.g. the output of ``adapters()``), whose shape the
-        config must record.
+        config must record, or two stored leaves with the same path string.
     """
     from . import __version__
 
     extra = _matcher(trainable)
     flat, _ = leaves_with_paths(tree, is_leaf=is_lora)
-    arrays, adapters, full = {}, [], []
+    arrays, adapters, full, seen = {}, [], [], set()
     for path, leaf in flat:
         if is_lora(leaf):
+            _check_unique(path, seen, "the tree")
             if leaf.w is None:
                 raise StructureError(f"'{path}' has no base weight: save the full LoRA tree (the config "
                                      "records each base shape), not the output of adapters()")
@@ -107,13 +136,18 @@ def describe(tree: Any, trainable: Targets = None,
                 "arrays": {name: _array_spec(x) for name, x in kids.items()},
             })
         elif extra is not None and leaf is not None and extra(path, leaf):
+            _check_unique(path, seen, "the tree")
             key = f"t{len(full)}"
+            if not isinstance(leaf, (jax.Array, np.ndarray)):
+                leaf = jnp.asarray(leaf)  # a Python scalar: store it as JAX would use it (float32, int32)
             arrays[key] = leaf
             full.append({"path": path, "key": key, **_array_spec(leaf)})
     if not adapters and not full:
         raise StructureError("the tree has no LoRA weights and `trainable` matched no leaf: nothing to save")
     config = {"format": FORMAT, "format_version": FORMAT_VERSION, "library_version": __version__,
               "adapters": adapters, "trainable": full, "metadata": dict(metadata or {})}
+    # the array checksums do not cover the config itself (rank, alpha, variant, layout)
+    config[CONFIG_CRC] = config_crc32(config)
     return arrays, config
 
 
@@ -125,7 +159,7 @@ def _need(d: Any, key: str, kind, where: str, what: str):
 
 
 def validate(config: Any, where: str) -> dict:
-    """Check the config's format and required fields; raise CheckpointError naming what is wrong."""
+    """Check the config's format, checksum, required fields and values; raise CheckpointError naming what is wrong."""
     if not isinstance(config, Mapping):
         raise CheckpointError(f"{where}: the adapter config is not a JSON object")
     if config.get("format") != FORMAT:
@@ -134,12 +168,28 @@ def validate(config: Any, where: str) -> dict:
     if not isinstance(version, int) or version > FORMAT_VERSION:
         raise CheckpointError(f"{where}: format_version {version!r} is newer than this library "
                               f"understands ({FORMAT_VERSION}); upgrade lorax_fn")
+    if version >= 2 or CONFIG_CRC in config:  # version 1 wrote no config checksum
+        want = config.get(CONFIG_CRC)
+        if not isinstance(want, int):
+            raise CheckpointError(f"{where}: config field '{CONFIG_CRC}' is missing or malformed")
+        got = config_crc32(config)
+        if got != want:
+            raise CheckpointError(f"{where}: the adapter config fails its checksum (crc32 {got:#010x}, "
+                                  f"recorded {want:#010x}); the config was damaged or edited")
     for e in _need(config, "adapters", list, where, ""):
         p = _need(e, "path", str, where, "adapters[].")
         ctx = f"adapters['{p}']."
         for k, kind in (("key", str), ("rank", int), ("alpha", (int, float)), ("variant", str),
                         ("layout", Mapping), ("base", Mapping), ("arrays", Mapping)):
             _need(e, k, kind, where, ctx)
+        if e["variant"] not in VARIANTS:
+            raise CheckpointError(f"{where}: config field '{ctx}variant' is {e['variant']!r}; expected one of "
+                                  f"{VARIANTS}")
+        if isinstance(e["rank"], bool) or e["rank"] < 1:
+            raise CheckpointError(f"{where}: config field '{ctx}rank' is {e['rank']!r}; it must be >= 1")
+        alpha = e["alpha"]
+        if isinstance(alpha, bool) or not math.isfinite(alpha) or alpha <= 0:
+            raise CheckpointError(f"{where}: config field '{ctx}alpha' is {alpha!r}; it must be finite and > 0")
         for k in ("stack", "in", "out"):
             _need(e["layout"], k, list, where, ctx + "layout.")
         for k, kind in (("shape", list), ("dtype", str)):
@@ -205,11 +255,13 @@ def plan(config: dict, base: Any, where: str, shardings: Any = None) -> Plan:
     Raises:
       StructureError: the base does not fit: a path is missing, a shape differs
         (the message names the path and both shapes), or a LoRA leaf of the base
-        has a different rank or layout than the checkpoint.
+        has a different rank or layout than the checkpoint, or several base
+        leaves have the path of a checkpoint entry.
       CheckpointError: the config contradicts itself.
     """
     flat, treedef = leaves_with_paths(base, is_leaf=is_lora)
     index = {p: i for i, (p, _) in enumerate(flat)}
+    counts = collections.Counter(p for p, _ in flat)
     leaves = [x for _, x in flat]
     paths = [p for p, _ in flat]
     where_sh = _base_shardings(leaves, shardings)
@@ -219,6 +271,10 @@ def plan(config: dict, base: Any, where: str, shardings: Any = None) -> Plan:
         if path not in index:
             raise StructureError(f"{where}: the checkpoint has {what} for '{path}' but the base has no such "
                                  f"leaf; nearest base paths: {_nearest(path, paths)}")
+        if counts[path] > 1:
+            raise StructureError(f"{where}: {counts[path]} leaves of the base have the path '{path}' (e.g. a "
+                                 "key containing '/' next to nested keys of the same names); the checkpoint's "
+                                 "entry for it cannot be placed")
         claimed.add(path)
         return index[path]
 
@@ -272,7 +328,7 @@ def plan(config: dict, base: Any, where: str, shardings: Any = None) -> Plan:
 
 
 def check_stored(p: Plan, stored: Any) -> None:
-    """Compare the arrays Orbax reports (shape, dtype) with the config before reading them."""
+    """Compare the arrays Orbax reports (shape, dtype) with the config before reading them; CheckpointError if not."""
     if not isinstance(stored, Mapping):
         raise CheckpointError(f"{p.where}: the arrays item holds no tree")
     have = set(stored)
@@ -311,7 +367,7 @@ def _verify(x: Any, spec: dict, label: str, where: str) -> None:
 
 
 def assemble(p: Plan, restored: Mapping, dtype: Any = None) -> Any:
-    """Verify checksums and put the restored arrays onto the base.
+    """Verify checksums and put the restored arrays onto the base (CheckpointError on a mismatch).
 
     Adapters keep their stored dtype unless ``dtype`` is given; fully trained
     leaves take the dtype of the base leaf they replace.

@@ -23,7 +23,8 @@ Work with LoRA adapters saved by lorax_fn, from the shell.
   merge    fold an adapter into a base model: reads the base params from a
            standard Orbax pytree checkpoint (what StandardCheckpointer or
            lorax_fn.save_merged writes), applies the adapter
-           (W + alpha/r * A @ B at every adapted parameter) and writes the
+           (W + scale * A @ B at every adapted parameter; scale is alpha/r,
+           or alpha/sqrt(r) for rsLoRA) and writes the
            merged params as a standard Orbax checkpoint that a plain Flax model
            restores without lorax_fn.
 """
@@ -115,12 +116,21 @@ def _inspect_lorax(path: Path, as_json: bool) -> int:
 def _inspect_peft(path: Path, as_json: bool) -> int:
     from safetensors import safe_open
 
+    from .errors import CheckpointError
     from .peft import CONFIG_FILE, WEIGHTS_FILE
-    cfg = json.loads((path / CONFIG_FILE).read_text())
+    try:
+        cfg = json.loads((path / CONFIG_FILE).read_text())
+    except (ValueError, OSError) as err:
+        raise CheckpointError(f"cannot read '{path / CONFIG_FILE}': {err}") from err
+    if not isinstance(cfg, dict):
+        raise CheckpointError(f"'{path / CONFIG_FILE}' is not a JSON object")
     shapes = {}
     if (path / WEIGHTS_FILE).is_file():
-        with safe_open(str(path / WEIGHTS_FILE), "np") as f:
-            shapes = {k: (list(f.get_slice(k).get_shape()), f.get_slice(k).get_dtype()) for k in f.keys()}
+        try:
+            with safe_open(str(path / WEIGHTS_FILE), "np") as f:
+                shapes = {k: (list(f.get_slice(k).get_shape()), f.get_slice(k).get_dtype()) for k in f.keys()}
+        except Exception as err:  # safetensors raises its own error types for damaged headers and short files
+            raise CheckpointError(f"cannot read '{path / WEIGHTS_FILE}': {err}") from err
     size = directory_bytes(path)
     if as_json:
         print(json.dumps({"directory": str(path), "bytes_on_disk": size, "config": cfg,
@@ -139,6 +149,7 @@ def _inspect_peft(path: Path, as_json: bool) -> int:
 
 
 def cmd_inspect(args: argparse.Namespace) -> int:
+    """``inspect``: print a lorax_fn or PEFT adapter's contents; returns the exit status."""
     path = Path(args.directory).expanduser().absolute()
     from .peft import CONFIG_FILE
     if (path / CONFIG_FILE).is_file():
@@ -147,6 +158,7 @@ def cmd_inspect(args: argparse.Namespace) -> int:
 
 
 def cmd_merge(args: argparse.Namespace) -> int:
+    """``merge``: fold an adapter into base params from a checkpoint and write the result; returns the exit status."""
     import jax
     import jax.numpy as jnp
     import orbax.checkpoint as ocp
@@ -158,6 +170,13 @@ def cmd_merge(args: argparse.Namespace) -> int:
 
     adapters_dir, _ = _adapter_dir(Path(args.adapters).expanduser().absolute())
     base_dir = committed_dir(args.base)
+    out_dir = Path(args.out).expanduser().resolve()  # resolve: '..' and symlinks must not hide an overlap
+    for src, what in ((base_dir, "--base"), (adapters_dir, "--adapters")):
+        # --overwrite deletes --out before writing: it must not be (or contain, or lie inside) an input
+        src = src.resolve()
+        if out_dir == src or src in out_dir.parents or out_dir in src.parents:
+            raise CheckpointError(f"--out '{out_dir}' overlaps {what} '{src}'; write the merged params "
+                                  "somewhere else")
     try:
         with ocp.StandardCheckpointer() as ck:
             base = ck.restore(base_dir)
@@ -177,6 +196,7 @@ def cmd_merge(args: argparse.Namespace) -> int:
 
 
 def parser() -> argparse.ArgumentParser:
+    """The argument parser of ``python -m lorax_fn`` (subcommands ``inspect`` and ``merge``)."""
     p = argparse.ArgumentParser(prog="python -m lorax_fn", description=DESCRIPTION, epilog=EPILOG,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = p.add_subparsers(dest="command", required=True, metavar="{inspect,merge}")

@@ -26,6 +26,7 @@ import math
 import os
 import re
 import string
+import zlib
 from pathlib import Path
 from typing import Any, Callable, Mapping, Union
 
@@ -46,6 +47,10 @@ KINDS = ("linear", "embedding", "conv")
 _SUFFIXES = {".lora_A.weight": ("matrix", "A"), ".lora_B.weight": ("matrix", "B"),
              ".lora_embedding_A": ("embedding", "A"), ".lora_embedding_B": ("embedding", "B")}
 _PARAM_NAMES = ("kernel", "embedding", "weight")
+# safetensors header key holding a CRC-32 of the config fields load_peft reads (PEFT ignores the header;
+# older PEFT versions reject unknown keys in adapter_config.json, so the binding lives here)
+CONFIG_CRC_KEY = "lorax_fn_config_crc32"
+_BOUND_FIELDS = ("peft_type", "r", "lora_alpha", "rank_pattern", "alpha_pattern", "use_rslora", "use_dora")
 
 NameMap = Union[None, Mapping[str, Any], Callable[[str], Any]]
 
@@ -130,9 +135,32 @@ def _modules(tmpl: str, path: str, stack_shape: tuple[int, ...]) -> list[tuple[t
 
 
 # ----------------------------------------------------------------- orientation
-def _to_torch(a: np.ndarray, b: np.ndarray, kind: str, n_in: int, path: str) -> tuple[np.ndarray, np.ndarray]:
+def _embedding_swapped(lay: Layout, ndim: int, path: str) -> bool:
+    """Whether an embedding's layout has its vocabulary axis as ``out`` rather than ``in``.
+
+    PEFT's ``lora_embedding_A`` is ``(r, num_embeddings)`` and
+    ``lora_embedding_B`` ``(embedding_dim, r)``. A Flax ``nn.Embed`` table is
+    ``(num_embeddings, features)``, so the first non-stack axis is the
+    vocabulary; a layout with ``in`` on the feature axes (e.g. a table also
+    used through ``attend``) holds the factors the other way round.
+    """
+    vocab = next(k for k in range(ndim) if k not in lay.stack)
+    if lay.inputs == (vocab,):
+        return False
+    if lay.outputs == (vocab,):
+        return True
+    raise LayoutError(f"'{path}' is exported as an embedding, which PEFT stores as lora_embedding_A "
+                      f"(r, num_embeddings) and lora_embedding_B (embedding_dim, r): its vocabulary axis {vocab} "
+                      f"must be the whole 'in' or the whole 'out' of its layout, got in={lay.inputs}, "
+                      f"out={lay.outputs}")
+
+
+def _to_torch(a: np.ndarray, b: np.ndarray, kind: str, n_in: int, path: str,
+              swap: bool = False) -> tuple[np.ndarray, np.ndarray]:
     """One slice ``a: in + (r,)``, ``b: (r,) + out`` as PEFT's ``(A, B)``."""
     r = a.shape[-1]
+    if kind == "embedding" and swap:  # in is the feature axis: b holds the vocabulary side
+        return b.reshape(r, -1), a.reshape(-1, r)
     if kind == "conv":
         if n_in < 2 or b.ndim != 2:
             raise LayoutError(f"'{path}' is not a convolution kernel (spatial + in, out) for kind='conv': "
@@ -143,8 +171,11 @@ def _to_torch(a: np.ndarray, b: np.ndarray, kind: str, n_in: int, path: str) -> 
     return a.reshape(-1, r).T, b.reshape(r, -1).T
 
 
-def _from_torch(A: np.ndarray, B: np.ndarray, sa: tuple, sb: tuple) -> tuple[np.ndarray, np.ndarray]:
+def _from_torch(A: np.ndarray, B: np.ndarray, sa: tuple, sb: tuple,
+                swap: bool = False) -> tuple[np.ndarray, np.ndarray]:
     """PEFT's ``(A, B)`` as one slice of ``a`` (shape ``sa``) and ``b`` (shape ``sb``)."""
+    if swap:  # an embedding whose layout contracts the feature axis, see _embedding_swapped
+        return B.reshape(sa), A.reshape(sb)
     if A.ndim > 2:  # convolution: A (r, cin, *spatial)
         n = A.ndim - 1
         a = np.transpose(A, tuple(range(2, n + 1)) + (1, 0))
@@ -187,8 +218,9 @@ def save_peft(directory: str | os.PathLike, tree: Any, name_map: NameMap = None,
       StructureError: a LoRA weight has no module name, two map to the same
         module, a stacked weight's template has the wrong number of ``{}``, or
         the tree mixes plain and rsLoRA scales (PEFT has one ``use_rslora``).
-      LayoutError: ``name_map`` gave an unknown kind, or ``kind="conv"`` for a
-        weight that is not a convolution kernel.
+      LayoutError: ``name_map`` gave an unknown kind, ``kind="conv"`` for a
+        weight that is not a convolution kernel, or an embedding whose
+        vocabulary axis (its first non-stack axis) is not all of ``in`` or all of ``out``.
 
     Example:
         >>> import json, tempfile, jax.numpy as jnp, lorax_fn as lf
@@ -215,11 +247,13 @@ def save_peft(directory: str | os.PathLike, tree: Any, name_map: NameMap = None,
         if dtype is not None:
             a, b = a.astype(dtype), b.astype(dtype)
         ns = len(lay.stack)
+        swap = kind == "embedding" and _embedding_swapped(lay, len(leaf.shape), path)
+        # a and b hold the stack axes first, wherever they sit in the base weight
         for idx, name in _modules(tmpl, path, a.shape[:ns]):
             if name in owners:
                 raise StructureError(f"'{path}' and '{owners[name]}' both map to module '{name}'")
             owners[name] = path
-            A, B = _to_torch(a[idx], b[idx], kind, len(lay.inputs), path)
+            A, B = _to_torch(a[idx], b[idx], kind, len(lay.inputs), path, swap)
             keys = ("lora_embedding_A", "lora_embedding_B") if kind == "embedding" else ("lora_A.weight",
                                                                                         "lora_B.weight")
             tensors[f"{PREFIX}{name}.{keys[0]}"] = np.ascontiguousarray(A)
@@ -247,13 +281,41 @@ def save_peft(directory: str | os.PathLike, tree: Any, name_map: NameMap = None,
     }
     out = Path(directory).expanduser().absolute()
     out.mkdir(parents=True, exist_ok=True)
-    # write under temporary names and rename, so a crash never leaves a half-written file under the real name
+    # Write under temporary names, fsync, then rename, so a crash never leaves a half-written file under the
+    # real name. The two renames are not one atomic step: the weights' header records a checksum of the
+    # config they were written with, so load_peft refuses new weights next to an old config (or the reverse).
+    # The directory itself is not swapped, because adapter directories often hold other files (README,
+    # tokenizer) that must survive a re-save.
     tmp_w, tmp_c = out / (WEIGHTS_FILE + ".tmp"), out / (CONFIG_FILE + ".tmp")
-    save_file(tensors, str(tmp_w), metadata={"format": "pt", "lorax_fn": json.dumps(record)})
+    save_file(tensors, str(tmp_w), metadata={"format": "pt", "lorax_fn": json.dumps(record),
+                                             CONFIG_CRC_KEY: str(_config_crc(config))})
     tmp_c.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+    for f in (tmp_w, tmp_c):
+        _fsync(f)
     os.replace(tmp_w, out / WEIGHTS_FILE)
     os.replace(tmp_c, out / CONFIG_FILE)
+    _fsync(out)
     return out
+
+
+def _fsync(path: Path) -> None:
+    """Flush a file (or a directory's entries) to disk; a no-op where the OS cannot open directories."""
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def _config_crc(config: Mapping) -> int:
+    """CRC-32 of the config fields load_peft reads, as canonical JSON."""
+    bound = {k: config.get(k) for k in _BOUND_FIELDS}
+    return zlib.crc32(json.dumps(bound, sort_keys=True, separators=(",", ":")).encode())
 
 
 # ----------------------------------------------------------------- load
@@ -331,13 +393,14 @@ def load_peft(directory: str | os.PathLike, base: Any, name_map: NameMap = None,
 
     Every tensor in the file must find its base weight through ``name_map``
     (unmatched modules are an error, never dropped). The layout of each
-    weight comes from ``layout=``, else from the metadata :func:`save_peft`
-    records, else from the shapes (``in`` axes first, then ``out``; a
+    weight comes from ``layout=``, else from the LoRA leaf of ``base`` at that
+    path, else from the metadata :func:`save_peft` records, else from the shapes (``in`` axes first, then ``out``; a
     convolution contracts all but its last axis).
 
     Args:
       directory: a directory with ``adapter_config.json`` and ``adapter_model.safetensors``.
-      base: the dense params (or a LoRA tree, whose ``w`` are used).
+      base: the dense params, or a LoRA tree (whose ``w`` and layouts are
+        used; the file must hold an adapter for each of its LoRA weights).
       name_map: as in :func:`save_peft`.
       layout: explicit layouts, in the forms :func:`lorafy` takes.
       dtype: cast ``a``/``b``; default: the stored dtype.
@@ -347,9 +410,11 @@ def load_peft(directory: str | os.PathLike, base: Any, name_map: NameMap = None,
 
     Raises:
       CheckpointError: missing or unreadable files, not a LoRA config, an
-        unsupported tensor, or a module whose rank differs from the config.
-      StructureError: a module has no base weight, a shape does not fit (the
-        message names the path and both shapes), or a stacked weight misses slices.
+        unsupported tensor, a module whose rank differs from the config, or a
+        config that is not the one :func:`save_peft` wrote with these weights.
+      StructureError: a module has no base weight or maps to two, a shape does
+        not fit (the message names the path and both shapes), a stacked weight
+        misses slices, or a LoRA ``base`` has adapters the file does not have.
 
     Example:
         >>> import tempfile, jax.numpy as jnp, lorax_fn as lf
@@ -367,7 +432,8 @@ def load_peft(directory: str | os.PathLike, base: Any, name_map: NameMap = None,
         recorded = {}
     variant = "rslora" if config.get("use_rslora") else "lora"
     flat, treedef = leaves_with_paths(base, is_leaf=is_lora)
-    leaves, claimed = [x for _, x in flat], set()
+    # owner: module -> the path it went to, so one module never fills two weights (a sloppy name_map)
+    leaves, owner, filled = [x for _, x in flat], {}, set()
     for i, (path, leaf) in enumerate(flat):
         got = _resolve(name_map, path)
         if got is None:
@@ -376,29 +442,51 @@ def load_peft(directory: str | os.PathLike, base: Any, name_map: NameMap = None,
         shape = tuple(np.shape(w))
         tmpl = got[0]
         ns = _fields(tmpl)
-        if ns > len(shape) or not any(n in modules for _, n in _modules(tmpl, path, shape[:ns])):
+        if ns > len(shape):
             continue
+        # what is known about the axes, before any guess from the shapes: the caller's layout=, the
+        # template leaf's own layout, then what save_peft recorded
+        lay = _user_layout(layout, path, w)
+        if lay is None and is_lora(leaf):
+            lay = leaf.layout
+        if lay is None and path in recorded:
+            lay = Layout(*(tuple(g) for g in recorded[path]["layout"]))
+        stack_shape, fits = shape[:ns], True  # without a layout: leading stack axes, one per '{}' field
+        if lay is not None:
+            try:
+                lay = lay.check(shape, path)
+                stack_shape = tuple(shape[k] for k in lay.stack)
+            except LayoutError:
+                fits = False
+        fits = fits and len(stack_shape) == ns
+        # a layout that does not fit (e.g. one layout= for every leaf) matters only for leaves in the file
+        if not any(n in modules for _, n in _modules(tmpl, path, stack_shape if fits else shape[:ns])):
+            continue
+        if not fits:
+            lay = lay.check(shape, path)  # raises LayoutError if it does not fit the weight
+            _modules(tmpl, path, tuple(shape[k] for k in lay.stack))  # raises: '{}' fields vs stack axes
+        slices = _modules(tmpl, path, stack_shape)
         if not jnp.issubdtype(jnp.result_type(w), jnp.floating):
             raise StructureError(f"{where}: the file has an adapter for '{path}', which is "
                                  f"{jnp.result_type(w)}, not floating point")
-        slices = _modules(tmpl, path, shape[:ns])
         missing = [n for _, n in slices if n not in modules]
         if missing:
-            raise StructureError(f"{where}: '{path}' is stacked over {shape[:ns]} but modules {missing[:3]} "
+            raise StructureError(f"{where}: '{path}' is stacked over {stack_shape} but modules {missing[:3]} "
                                  "are not in the file")
         first = modules[slices[0][1]]
-        lay = _user_layout(layout, path, w)
-        if lay is None and path in recorded:
-            lay = Layout(*(tuple(g) for g in recorded[path]["layout"]))
         if lay is None:
-            lay = _infer_layout(shape, ns, first["A"], first["B"], path)
-        lay = lay.check(shape, path)
+            lay = _infer_layout(shape, ns, first["A"], first["B"], path).check(shape, path)
+        swap = first["kind"] == "embedding" and _embedding_swapped(lay, len(shape), path)
         rank = int(first["A"].shape[0])
         sa, sb = factor_shapes(shape, lay, rank)
         a = np.empty(sa, first["A"].dtype)
         b = np.empty(sb, first["B"].dtype)
         alpha = None
         for idx, name in slices:
+            if name in owner:
+                raise StructureError(f"{where}: module '{name}' maps to both '{owner[name]}' and '{path}'; "
+                                     "name_map must give each base weight its own module")
+            owner[name] = path
             mod = modules[name]
             want_r = _pattern_value(config.get("rank_pattern"), name, config["r"])
             if mod["A"].shape[0] != want_r or mod["B"].shape[1] != want_r:
@@ -407,7 +495,8 @@ def load_peft(directory: str | os.PathLike, base: Any, name_map: NameMap = None,
             if mod["A"].shape[0] != rank:
                 raise StructureError(f"{where}: slices of stacked '{path}' have different ranks")
             try:
-                a[idx], b[idx] = _from_torch(mod["A"], mod["B"], sa[len(idx):], sb[len(idx):])
+                # a and b hold the stack axes first, wherever they sit in the base weight
+                a[idx], b[idx] = _from_torch(mod["A"], mod["B"], sa[len(idx):], sb[len(idx):], swap)
             except ValueError:
                 raise StructureError(f"{where}: module '{name}' (lora_A {mod['A'].shape}, lora_B {mod['B'].shape}) "
                                      f"does not fit '{path}' of shape {shape}: it needs a {sa[ns:]} and "
@@ -416,13 +505,25 @@ def load_peft(directory: str | os.PathLike, base: Any, name_map: NameMap = None,
             if alpha is not None and alpha_i != alpha:
                 raise StructureError(f"{where}: slices of stacked '{path}' have different alphas")
             alpha = alpha_i
-            claimed.add(name)
         a, b = jnp.asarray(a), jnp.asarray(b)
         if dtype is not None:
             a, b = a.astype(dtype), b.astype(dtype)
         leaves[i] = LoraWeight(w, a, b, rank=rank, alpha=float(alpha), layout=lay, variant=variant)
-    unclaimed = sorted(set(modules) - claimed)
+        filled.add(i)
+    unclaimed = sorted(set(modules) - set(owner))
     if unclaimed:
         raise StructureError(f"{where}: no base weight maps to modules {unclaimed[:5]}; check name_map "
                              "(it must give these names for the base's paths)")
+    # a LoRA template's adapters that the file does not replace would otherwise come back unchanged
+    stale = [p for j, (p, x) in enumerate(flat) if is_lora(x) and j not in filled]
+    if stale:
+        raise StructureError(f"{where}: the given tree has adapters the file does not have: "
+                             + ", ".join(f"'{p}'" for p in stale[:5]) + "; pass the dense base, or check name_map")
+    # last, so the specific checks above name a problem first: new weights next to an old config (a save_peft
+    # interrupted between its two renames) or an edited r/alpha would otherwise load with the wrong scale
+    want = meta.get(CONFIG_CRC_KEY)
+    if want is not None and want != str(_config_crc(config)):
+        raise CheckpointError(f"{where}: {CONFIG_FILE} is not the config {WEIGHTS_FILE} was saved with (its "
+                              "r/alpha/rank_pattern/alpha_pattern/use_rslora fields changed, e.g. by a save_peft "
+                              "interrupted between writing the two files); save the adapter again")
     return jax.tree_util.tree_unflatten(treedef, leaves)

@@ -13,14 +13,21 @@ from pathlib import Path
 from typing import Any, Mapping, NamedTuple
 
 import jax
+import jax.numpy as jnp
+import numpy as np
 import orbax.checkpoint as ocp
+from orbax.checkpoint import checkpoint_manager as _ocm
 
 from . import ckpt_format as fmt
 from .ckpt_format import ARRAYS, CONFIG
 from .errors import CheckpointError
 from .lorafy import Targets
+from .paths import leaves_with_paths
+from .weight import is_lora
 
 TRAIN = "train"
+# Orbax raises this when a step directory exists; older versions may lack the class
+_STEP_EXISTS = getattr(_ocm, "StepAlreadyExistsError", ())
 
 
 class Restored(NamedTuple):
@@ -55,6 +62,39 @@ def _train_item(step: int, opt_state: Any, rng: Any) -> dict:
         # typed keys are not arrays Orbax can write; their bits are, and the template's impl rewraps them
         item["rng"] = jax.random.key_data(rng) if jax.dtypes.issubdtype(rng.dtype, jax.dtypes.prng_key) else rng
     return item
+
+
+def _lost_trained_leaves(tree: Any, config: dict, opt_state: Any) -> list[str]:
+    """Paths of non-LoRA leaves that ``opt_state`` holds non-zero state for but the adapter config does not store.
+
+    Optimizer states nest a params-shaped tree under their own keys (``lf.optimizer``'s
+    ``inner_states/train/.../mu/<param path>``; frozen leaves are empty ``MaskedNode``s), so an
+    opt-state leaf whose path ends in a parameter's path, with that parameter's shape, is state
+    for that parameter. The longest matching path wins, so ``l1/bias`` is never read as a
+    top-level ``bias``.
+    """
+    if opt_state is None:
+        return []
+    stored = {e["path"] for e in config["trainable"]}
+    known: dict[str, tuple | None] = {}  # path -> shape if it would be lost, None if it is fine
+    for path, leaf in leaves_with_paths(tree, is_leaf=is_lora)[0]:
+        if is_lora(leaf):
+            known.update({f"{path}/{k}": None for k in ("w", "a", "b")})
+        elif leaf is not None:
+            known[path] = None if path in stored else tuple(np.shape(leaf))
+    if not any(v is not None for v in known.values()):
+        return []
+    lost = set()
+    for path, x in leaves_with_paths(opt_state)[0]:
+        parts = path.split("/")
+        for k in range(len(parts)):
+            suffix = "/".join(parts[k:])
+            if suffix in known:
+                # non-zero: a fresh tx.init() holds zeros, which training has not yet put anything into
+                if known[suffix] is not None and tuple(np.shape(x)) == known[suffix] and bool(jnp.any(x != 0)):
+                    lost.add(suffix)
+                break
+    return sorted(lost)
 
 
 class AdapterCheckpointManager:
@@ -160,14 +200,35 @@ class AdapterCheckpointManager:
           Whether a save was started (False off the interval).
 
         Raises:
+          CheckpointError: ``step`` is not after the latest saved step (e.g.
+            after ``restore(step=k)`` rolled back to an older step: Orbax would
+            skip every save up to the latest, or refuse an existing step), or
+            ``opt_state`` holds non-zero state for non-LoRA leaves that are not stored
+            (a manager made without the ``trainable=`` of :func:`optimizer`).
           StructureError: ``tree`` holds no adapters and no ``trainable`` leaves.
         """
+        latest = self._mgr.latest_step()
+        if latest is not None and int(step) <= latest:
+            raise CheckpointError(
+                f"cannot save step {step} in '{self.directory}': the latest saved step is {latest} (steps "
+                f"{self.all_steps()}) and Orbax writes only newer steps, so this save would be skipped. After "
+                "restore(step=...) rolled back to an older step, delete the newer step directories or save to "
+                "a new directory")
         if not force and not self._mgr.should_save(step):
             return False
         arrays, config = fmt.describe(tree, self._trainable, self._metadata)
+        lost = _lost_trained_leaves(tree, config, opt_state)
+        if lost:
+            raise CheckpointError(
+                f"opt_state holds optimizer state for {', '.join(repr(p) for p in lost[:5])}, which are not "
+                "adapters and are not stored: their trained values would be lost. Pass "
+                "AdapterCheckpointManager(..., trainable=...) the same trainable= you gave lf.optimizer")
         args = ocp.args.Composite(**{ARRAYS: ocp.args.StandardSave(arrays), CONFIG: ocp.args.JsonSave(config),
                                      TRAIN: ocp.args.StandardSave(_train_item(step, opt_state, rng))})
-        return bool(self._mgr.save(step, args=args, force=force))
+        try:
+            return bool(self._mgr.save(step, args=args, force=force))
+        except _STEP_EXISTS as err:
+            raise CheckpointError(f"step {step} already exists in '{self.directory}': {err}") from err
 
     def restore(self, tree: Any, opt_state: Any = None, rng: Any = None, *, step: int | None = None,
                 dtype: Any = None) -> Restored:

@@ -20,7 +20,7 @@ from .weight import Layout
 
 
 def leaf_sharding(x: Any) -> jax.sharding.Sharding:
-    """The sharding of a ``jax.Array``; the default device for host arrays."""
+    """The sharding of a ``jax.Array``; the default device for host arrays (NumPy, Python scalars)."""
     s = getattr(x, "sharding", None)
     if isinstance(s, jax.sharding.Sharding):
         return s
@@ -30,6 +30,11 @@ def leaf_sharding(x: Any) -> jax.sharding.Sharding:
 def adapter_shardings(base: jax.sharding.Sharding, layout: Layout, ndim: int,
                       path: str = "") -> dict[str, jax.sharding.Sharding]:
     """Shardings of ``a`` and ``b`` for a base weight of ``ndim`` axes sharded as ``base``.
+
+    Returns ``{"a": ..., "b": ...}``: a ``NamedSharding`` base gives each
+    factor the spec entries of its own axes (see the module docstring); a
+    single-device or fully replicated base is reused as it is. ``path``
+    only names the weight in the error.
 
     Raises:
       StructureError: ``base`` is split across devices but is not a

@@ -6,6 +6,7 @@ import shutil
 import subprocess
 import sys
 import textwrap
+import zlib
 from pathlib import Path
 
 import chex
@@ -192,10 +193,19 @@ def test_rank_differs_from_a_lora_base(tiny, tmp_path):
         lf.load_adapters(path, rank4)
 
 
-def _edit_config(path, edit):
+def _canonical_crc(cfg):
+    """The config checksum computed here independently: CRC-32 of sorted, compact JSON without the field."""
+    body = {k: v for k, v in cfg.items() if k != "config_crc32"}
+    return zlib.crc32(json.dumps(body, sort_keys=True, separators=(",", ":")).encode())
+
+
+def _edit_config(path, edit, reseal=True):
+    """Edit the stored config; ``reseal`` updates its checksum so the checks behind it are reached."""
     f = Path(path) / "config" / "metadata"
     cfg = json.loads(f.read_text())
     edit(cfg)
+    if reseal:
+        cfg["config_crc32"] = _canonical_crc(cfg)
     f.write_text(json.dumps(cfg))
 
 
@@ -221,6 +231,49 @@ def test_config_that_contradicts_itself(tiny, tmp_path):
     _edit_config(path, lambda cfg: cfg["adapters"][0].update(rank=5))
     with pytest.raises(CheckpointError, match=r"inconsistent: rank 5 on base \(32, 4, 8\) needs a \(32, 5\)"):
         lf.load_adapters(path, params)
+
+
+def test_config_checksum_and_values_are_checked(tiny, tmp_path):
+    """Array CRCs do not cover rank/alpha/variant: the config carries a CRC of itself; values are range-checked."""
+    _, params, _, lp = tiny
+    path = saved(tmp_path, lp)
+    cfg = lf.read_adapter_config(path)
+    assert cfg["format_version"] == 2 and cfg["config_crc32"] == _canonical_crc(cfg)
+    _edit_config(path, lambda c: c["adapters"][0].update(alpha=400.0), reseal=False)  # a silent scale change
+    with pytest.raises(CheckpointError, match="the adapter config fails its checksum"):
+        lf.load_adapters(path, params)
+    with pytest.raises(CheckpointError, match="the adapter config fails its checksum"):
+        lf.read_adapter_config(path)
+    for field, value, why in (("variant", "foo", r"'foo'; expected one of \('lora', 'rslora'\)"),
+                              ("rank", 0, "0; it must be >= 1"), ("alpha", -1.0, "-1.0; it must be finite and > 0"),
+                              ("alpha", float("nan"), "nan; it must be finite and > 0")):
+        _edit_config(path, lambda c: c["adapters"][0].update({"variant": "lora", "rank": 2, "alpha": 4.0,
+                                                               field: value}))
+        with pytest.raises(CheckpointError, match=rf"config field 'adapters\['block0/attn/key/kernel'\]\.{field}' "
+                                                  rf"is {why}"):
+            lf.load_adapters(path, params)
+
+
+def test_colliding_paths_are_refused(tmp_path):
+    """A key "a/b" and nested a -> b both print as 'a/b': saving or loading by that path would lose one."""
+    rng = np.random.default_rng(0)
+    params = {"a/b": jnp.asarray(rng.standard_normal((4, 3)), jnp.float32),
+              "a": {"b": jnp.asarray(rng.standard_normal((4, 3)), jnp.float32)}}
+    with pytest.raises(lf.StructureError, match="same path 'a/b'"):
+        lf.save_adapters(tmp_path / "both", lf.lorafy(params, rank=1))
+    # a checkpoint with one 'a/b' cannot be placed onto a base where two leaves answer to that path
+    one = lf.save_adapters(tmp_path / "one", lf.lorafy({"a": {"b": params["a"]["b"]}}, rank=1))
+    with pytest.raises(lf.StructureError, match="2 leaves of the base have the path 'a/b'"):
+        lf.load_adapters(one, params)
+
+
+def test_python_scalar_trainable_leaf(tmp_path):
+    lp = {"w": lf.lorafy({"w": jnp.ones((4, 3))}, rank=1)["w"], "temp": 1.5}
+    path = lf.save_adapters(tmp_path / "ad", lp, trainable="temp")
+    entry = lf.read_adapter_config(path)["trainable"][0]
+    assert (entry["path"], entry["shape"], entry["dtype"]) == ("temp", [], "float32")
+    back = lf.load_adapters(path, {"w": jnp.ones((4, 3)), "temp": 0.0})
+    assert float(back["temp"]) == 1.5
 
 
 # ------------------------------------------------------------------ damaged checkpoints
@@ -299,6 +352,46 @@ def test_refuses_to_overwrite_and_needs_something_to_save(tiny, tmp_path):
     saved(tmp_path, trained(lp, seed=3), overwrite=True)
     assert not np.array_equal(lf.load_adapters(path, params)["block0"]["mlp_in"]["kernel"].b,
                               lp["block0"]["mlp_in"]["kernel"].b)
+
+
+def test_overwrite_keeps_the_old_checkpoint_until_the_new_one_is_in(tiny, tmp_path, monkeypatch):
+    import lorax_fn.checkpoint as ckpt_mod
+    _, params, _, lp = tiny
+    path = saved(tmp_path, lp)
+    want_b = np.asarray(lp["block0"]["mlp_in"]["kernel"].b)
+
+    def killed(*args, **kwargs):
+        raise KeyboardInterrupt("killed while writing")
+
+    # killed while the new checkpoint is being written: Orbax's force=True would already have deleted the old
+    with monkeypatch.context() as m:
+        m.setattr(ocp.CompositeCheckpointHandler, "save", killed)
+        with pytest.raises(KeyboardInterrupt):
+            saved(tmp_path, trained(lp, seed=3), overwrite=True)
+    np.testing.assert_array_equal(lf.load_adapters(path, params)["block0"]["mlp_in"]["kernel"].b, want_b)
+
+    # killed between the two renames: both checkpoints are complete, and the error says where
+    real = ckpt_mod.os.rename
+
+    def second_rename_killed(src, dst):  # Orbax's own commit renames pass through; the swap's second does not
+        if str(src).endswith(".lorax-new"):
+            raise KeyboardInterrupt("killed between the renames")
+        return real(src, dst)
+
+    with monkeypatch.context() as m:
+        m.setattr(ckpt_mod.os, "rename", second_rename_killed)
+        with pytest.raises(KeyboardInterrupt):
+            saved(tmp_path, trained(lp, seed=3), overwrite=True)
+    with pytest.raises(CheckpointError, match=r"overwrite of .* was interrupted.*ad\.lorax-new.*ad\.lorax-old"):
+        lf.load_adapters(path, params)
+    np.testing.assert_array_equal(lf.load_adapters(tmp_path / "ad.lorax-old", params)["block0"]["mlp_in"]["kernel"].b,
+                                  want_b)
+
+    # a later overwrite completes and leaves no siblings behind
+    (tmp_path / "ad.lorax-old").rename(path)
+    saved(tmp_path, trained(lp, seed=3), overwrite=True)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ad"]  # and no unfinished Orbax temporaries
+    assert not np.array_equal(lf.load_adapters(path, params)["block0"]["mlp_in"]["kernel"].b, want_b)
 
 
 # ------------------------------------------------------------------ save_merged

@@ -106,3 +106,33 @@ def test_inspect_in_process_peft_manager_and_errors(adapter, tmp_path, capsys):
     assert cli.main(["merge", "--adapters", str(path), "--base", str(tmp_path / "other"),
                      "--out", str(tmp_path / "m")]) == 1
     assert "'enc/kernel'" in capsys.readouterr().err
+
+
+def test_help_gives_the_rslora_scale():
+    assert "alpha/sqrt(r)" in cli.parser().format_help()
+
+
+def test_inspect_damaged_peft_directory_is_a_one_line_error(tmp_path, capsys):
+    d = tmp_path / "peft"
+    d.mkdir()
+    (d / "adapter_config.json").write_text('{"peft_type": "LORA", ')
+    assert cli.main(["inspect", str(d)]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("error: cannot read") and "adapter_config.json" in err and "Traceback" not in err
+    (d / "adapter_config.json").write_text('{"peft_type": "LORA"}')
+    (d / "adapter_model.safetensors").write_bytes(b"garbage")
+    assert cli.main(["inspect", str(d)]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("error: cannot read") and "adapter_model.safetensors" in err
+
+
+def test_merge_refuses_to_write_over_its_inputs(adapter, tmp_path, capsys):
+    params, lp, path = adapter
+    with ocp.StandardCheckpointer() as ck:
+        ck.save(tmp_path / "base", params)
+    for out in (tmp_path / "base", tmp_path / "base" / "sub", tmp_path, path):
+        assert cli.main(["merge", "--adapters", str(path), "--base", str(tmp_path / "base"),
+                         "--out", str(out), "--overwrite"]) == 1
+        assert "overlaps --" in capsys.readouterr().err
+    with ocp.StandardCheckpointer() as ck:  # the base is still there, unchanged
+        chex.assert_trees_all_equal(ck.restore(tmp_path / "base", jax.eval_shape(lambda: params)), params)

@@ -250,3 +250,112 @@ def test_save_errors(decoder, tmp_path):
     mixed = dict(lp, embed={"embedding": lf.lorafy({"e": params["embed"]["embedding"]}, rank=2, rslora=True)["e"]})
     with pytest.raises(lf.StructureError, match="use_rslora"):
         lf.save_peft(tmp_path, mixed)
+
+
+# ------------------------------------------------------------------ review fixes
+def _rnd(rng, *shape):
+    return jnp.asarray(rng.standard_normal(shape), jnp.float32)
+
+
+def _strip_our_metadata(d):
+    """What a file PEFT itself wrote looks like: no lorax_fn entries in the safetensors header."""
+    f = d / "adapter_model.safetensors"
+    save_file(load_file(str(f)), str(f), metadata={"format": "pt"})
+
+
+def test_one_module_cannot_fill_two_weights(tmp_path):
+    rng = np.random.default_rng(0)
+    params = {"attn": {n: {"kernel": _rnd(rng, 8, 8)} for n in ("query", "key", "value")}}
+    lp = trained(lf.lorafy(params, rank=2))
+    d = lf.save_peft(tmp_path, {"attn": {"query": {"kernel": lp["attn"]["query"]["kernel"]}}})
+    sloppy = {r"attn/(query|key|value)/kernel": "attn.query"}
+    with pytest.raises(lf.StructureError, match=r"module 'attn.query' maps to both 'attn/key/kernel' and "
+                                                r"'attn/query/kernel'"):
+        lf.load_peft(d, params, sloppy)
+
+
+def test_lora_base_gives_the_layout_and_must_be_covered(tmp_path):
+    rng = np.random.default_rng(1)
+    # a square weight stored (out, in): the shapes alone cannot tell, the template's layout can
+    p = {"o": {"kernel": _rnd(rng, 6, 6)}}
+    lay = lf.Layout((), (1,), (0,))
+    src = trained(lf.lorafy(p, rank=2, layout=lay))
+    d = lf.save_peft(tmp_path / "square", src)
+    _strip_our_metadata(d)
+    back = lf.load_peft(d, lf.lorafy(p, rank=2, layout=lay))
+    assert back["o"]["kernel"].layout == lay
+    chex.assert_trees_all_equal(back, src)
+
+    # adapters of the template that the file does not hold must not come back unchanged
+    params = {"attn": {n: {"kernel": _rnd(rng, 8, 8)} for n in ("query", "key")}}
+    only_q = lf.save_peft(tmp_path / "q", {"attn": {"query": {"kernel": trained(lf.lorafy(params, rank=2))
+                                                              ["attn"]["query"]["kernel"]}}})
+    with pytest.raises(lf.StructureError, match=r"the given tree has adapters the file does not have: "
+                                                r"'attn/key/kernel'"):
+        lf.load_peft(only_q, trained(lf.lorafy(params, rank=2), seed=5))
+
+
+def test_embedding_with_its_feature_axis_as_input(tmp_path):
+    rng = np.random.default_rng(2)
+    vocab, dim, r = 10, 4, 2
+    p = {"embed": {"embedding": _rnd(rng, vocab, dim)}}
+    src = trained(lf.lorafy(p, rank=r, layout=lf.Layout((), (1,), (0,))))
+    lw = src["embed"]["embedding"]
+    assert lw.a.shape == (dim, r) and lw.b.shape == (r, vocab)
+    d = lf.save_peft(tmp_path, src)
+    t = load_file(str(d / "adapter_model.safetensors"))
+    A, B = t[f"{P}embed.lora_embedding_A"], t[f"{P}embed.lora_embedding_B"]
+    assert A.shape == (r, vocab) and B.shape == (dim, r)  # PEFT: (r, num_embeddings), (embedding_dim, r)
+    # PEFT's embedding update is (B @ A).T * scale, a (num_embeddings, embedding_dim) table; here a and b
+    # hold exactly those factors, so A is b and B is a, value for value
+    np.testing.assert_array_equal(A, np.asarray(lw.b))
+    np.testing.assert_array_equal(B, np.asarray(lw.a))
+    chex.assert_trees_all_equal(lf.load_peft(d, p), src)  # from our metadata
+    _strip_our_metadata(d)
+    chex.assert_trees_all_equal(lf.load_peft(d, lf.lorafy(p, rank=r, layout=lf.Layout((), (1,), (0,)))), src)
+    with pytest.raises(lf.LayoutError, match=r"vocabulary axis 0 must be the whole 'in' or the whole 'out'"):
+        lf.save_peft(tmp_path / "3d", lf.lorafy({"e": {"embedding": _rnd(rng, 5, 2, 3)}}, rank=1,
+                                                layout=((), (0, 1), (2,))))
+
+
+def test_stack_axis_that_is_not_leading(tmp_path):
+    rng = np.random.default_rng(3)
+    p = {"w": _rnd(rng, 4, 3, 5)}  # (in, layers, out)
+    src = trained(lf.lorafy(p, rank=2, layout=lf.Layout((1,), (0,), (2,))))
+    name_map = {r"w": "layer.{}"}
+    d = lf.save_peft(tmp_path, src, name_map)
+    t = load_file(str(d / "adapter_model.safetensors"))
+    assert sorted(t) == sorted(f"{P}layer.{i}.lora_{x}.weight" for i in range(3) for x in "AB")
+    a = np.asarray(src["w"].a)  # (layers, in, r)
+    np.testing.assert_array_equal(t[f"{P}layer.1.lora_A.weight"], a[1].T)
+    chex.assert_trees_all_equal(lf.load_peft(d, p, name_map), src)
+
+
+def test_config_that_does_not_belong_to_the_weights(tmp_path, monkeypatch):
+    import lorax_fn.peft as peft_mod
+    p = {"fc": {"kernel": jnp.ones((6, 4))}}
+    old = trained(lf.lorafy(p, rank=2, alpha=2))
+    new = trained(lf.lorafy(p, rank=2, alpha=32), seed=1)
+    d = lf.save_peft(tmp_path, old)
+    real, calls = peft_mod.os.replace, []
+
+    def crash_on_second(src, dst):
+        calls.append(dst)
+        if len(calls) == 2:
+            raise KeyboardInterrupt("killed between the two renames")
+        return real(src, dst)
+
+    monkeypatch.setattr(peft_mod.os, "replace", crash_on_second)
+    with pytest.raises(KeyboardInterrupt):
+        lf.save_peft(d, new)
+    monkeypatch.setattr(peft_mod.os, "replace", real)
+    with pytest.raises(CheckpointError, match="adapter_config.json is not the config adapter_model.safetensors "
+                                              "was saved with"):
+        lf.load_peft(d, p)
+    # a complete save is consistent again; a hand-edited lora_alpha is not
+    lf.save_peft(d, new)
+    assert lf.load_peft(d, p)["fc"]["kernel"].alpha == 32.0
+    cfg = json.loads((d / "adapter_config.json").read_text())
+    (d / "adapter_config.json").write_text(json.dumps(dict(cfg, lora_alpha=64)))
+    with pytest.raises(CheckpointError, match="is not the config"):
+        lf.load_peft(d, p)

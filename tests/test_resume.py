@@ -91,6 +91,40 @@ def test_manager_errors(tmp_path):
             ckpt.save(2, params)
 
 
+def test_save_refuses_to_drop_trained_leaves_without_trainable(tmp_path):
+    params, lp, tx, step = _setup()  # tx trains l1/bias in full
+    s, r = tx.init(lp), jax.random.key(0)
+    lp, s, r, _ = step(lp, s, r, 0)
+    with lf.AdapterCheckpointManager(tmp_path / "forgot", async_save=False) as ckpt:
+        with pytest.raises(CheckpointError, match=r"opt_state holds optimizer state for 'l1/bias'.*trainable="):
+            ckpt.save(1, lp, s, r)
+        assert ckpt.all_steps() == []
+    with lf.AdapterCheckpointManager(tmp_path / "given", async_save=False, trainable=".*bias") as ckpt:
+        assert ckpt.save(1, lp, s, r)
+    # an optimizer that freezes the bias holds nothing for it: nothing is lost, nothing to complain about
+    frozen_tx = lf.optimizer(optax.adam(1e-2), lp)
+    with lf.AdapterCheckpointManager(tmp_path / "frozen", async_save=False) as ckpt:
+        assert ckpt.save(1, lp, frozen_tx.init(lp), r)
+
+
+def test_save_after_rolling_back_is_an_error_not_a_skip(tmp_path):
+    params = {"w": jnp.ones((4, 3))}
+    lp = lf.lorafy(params, rank=1)
+    with lf.AdapterCheckpointManager(tmp_path, async_save=False, max_to_keep=None, save_interval_steps=2) as ckpt:
+        for i in (2, 4, 6):
+            assert ckpt.save(i, lp)
+        back = ckpt.restore(lp, step=2).tree
+        branch = {"w": back["w"].replace(b=jnp.full((1, 3), 7.0))}
+        for force in (False, True):
+            with pytest.raises(CheckpointError, match=r"cannot save step 4 .* latest saved step is 6 "
+                                                      r"\(steps \[2, 4, 6\]\)"):
+                ckpt.save(4, branch, force=force)
+        assert ckpt.all_steps() == [2, 4, 6]
+        assert float(ckpt.restore(lp, step=4).tree["w"].b[0, 0]) == 0.0  # step 4 was not touched
+        assert not ckpt.save(7, branch) and ckpt.save(8, branch)        # after the latest: as before
+        assert float(ckpt.restore(lp).tree["w"].b[0, 0]) == 7.0
+
+
 # ------------------------------------------------------------------ the example
 @pytest.fixture(scope="module")
 def example():

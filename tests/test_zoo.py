@@ -168,15 +168,17 @@ def test_bfloat16_matches_merged(name):
 
 
 # ---------------------------------------------------------------- gradients
+@pytest.mark.parametrize("form", ["auto", "merged"])
 @pytest.mark.parametrize("name", NAMES)
-def test_adapter_gradients_match_merged(name):
+def test_adapter_gradients_match_merged(name, form):
+    """Both forward forms (the zoo's small batches make ``auto`` mostly factored)."""
     apply, params, lp, inputs = lorafied(name)
     ref_out, _ = reference(name)
     # a fixed random read-out so that every output element carries gradient
     proj = jnp.asarray(np.random.default_rng(3).standard_normal(ref_out.shape) / np.sqrt(ref_out.size),
                        jnp.float32)
     train, frozen = lf.split(lp)
-    lora_apply = lf.lora(apply, on_materialize="raise")
+    lora_apply = lf.lora(apply, on_materialize="raise", formulation=form)
 
     def loss_lora(t):
         return jnp.vdot(proj, lora_apply(lf.combine(t, frozen), *inputs))

@@ -86,7 +86,7 @@ class Context:
 def eval_jaxpr(ctx: Context, jaxpr, consts, args) -> list:
     """Evaluate an (open) jaxpr whose inputs may be lazy LoRA values."""
     from .control import HIGHER_ORDER
-    from .rules import RULES, dot_general_parts
+    from .rules import RULES
 
     env: dict = {}
 
@@ -102,14 +102,8 @@ def eval_jaxpr(ctx: Context, jaxpr, consts, args) -> list:
         invals = [read(v) for v in eqn.invars]
         with eqn.ctx.manager:
             if eqn.outvars[0] in split and any(isinstance(x, Lazy) for x in invals):
-                parts = dot_general_parts(ctx, eqn, invals)
-                if parts is not None:
-                    for z in invals:
-                        if isinstance(z, Lazy):
-                            ctx.note(z, eqn, True, "low-rank")
-                    env[eqn.outvars[0]] = _Sum(*parts)
-                    continue
-            if any(isinstance(x, _Sum) for x in invals):
+                outs = _apply_rule(ctx, eqn, invals, _SPLIT_RULES, {})
+            elif any(isinstance(x, _Sum) for x in invals):
                 if any(isinstance(x, Lazy) for x in invals):
                     invals = [_total(x) if isinstance(x, _Sum) else x for x in invals]
                     outs = _apply_rule(ctx, eqn, invals, RULES, HIGHER_ORDER)
@@ -159,6 +153,15 @@ def _split_sums(jaxpr) -> set:
         if len(mine) == 1 and all(v.aval.shape == e.outvars[0].aval.shape for v in mine):
             out.add(mine[0])
     return out
+
+
+def _dot_general_split(ctx, eqn, invals):
+    from .rules import dot_general_parts
+    parts = dot_general_parts(ctx, eqn, invals)
+    return None if parts is None else [_Sum(*parts)]
+
+
+_SPLIT_RULES = {"dot_general": _dot_general_split}
 
 
 def _total(s: "_Sum"):

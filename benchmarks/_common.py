@@ -2,7 +2,8 @@
 memory, the machine record, JSON lines and Markdown tables, subprocesses.
 
 Self-contained (no lorax_fn import) so baselines can run it in their own
-environments.
+environments; JAX is imported only where it is used, so the PyTorch script
+can run it in an environment without JAX.
 """
 
 from __future__ import annotations
@@ -17,12 +18,8 @@ import sys
 import time
 from typing import Any, Callable, Iterable
 
-import jax
 
-
-def machine() -> dict[str, Any]:
-    """What the numbers were measured on."""
-    dev = jax.devices()[0]
+def _cpu() -> dict[str, Any]:
     cpu = platform.processor() or platform.machine()
     try:
         with open("/proc/cpuinfo") as f:
@@ -30,30 +27,46 @@ def machine() -> dict[str, Any]:
     except (OSError, StopIteration):
         pass
     return {
+        "cpu": cpu,
+        "cpus": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count(),
+        "python": platform.python_version(),
+    }
+
+
+def machine(framework: str = "jax") -> dict[str, Any]:
+    """What the numbers were measured on, as seen by ``framework`` (``"jax"`` or ``"torch"``)."""
+    if framework == "torch":
+        import torch
+        return {"torch": torch.__version__, "backend": "cpu", "device": "cpu",
+                "threads": torch.get_num_threads(), **_cpu()}
+    import jax
+    dev = jax.devices()[0]
+    return {
         "jax": jax.__version__,
         "backend": jax.default_backend(),
         "device": getattr(dev, "device_kind", str(dev)),
         "devices": jax.device_count(),
-        "cpu": cpu,
-        "cpus": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count(),
-        "python": platform.python_version(),
+        **_cpu(),
         "xla_flags": os.environ.get("XLA_FLAGS", ""),
     }
 
 
 def block(tree):
+    import jax
     return jax.tree.map(lambda x: x.block_until_ready() if hasattr(x, "block_until_ready") else x,
                         tree)
 
 
-def median_time(step: Callable[[], Any], steps: int, warmup: int = 2) -> tuple[float, list[float]]:
-    """Median wall time of ``step()`` in ms (each call blocked until ready)."""
+def median_time(step: Callable[[], Any], steps: int, warmup: int = 2,
+                sync: Callable[[Any], Any] = block) -> tuple[float, list[float]]:
+    """Median wall time of ``step()`` in ms, each call waited for with ``sync(result)``
+    (default: block on every JAX array in it)."""
     for _ in range(warmup):
-        block(step())
+        sync(step())
     times = []
     for _ in range(steps):
         t0 = time.perf_counter()
-        block(step())
+        sync(step())
         times.append((time.perf_counter() - t0) * 1e3)
     return statistics.median(times), times
 
@@ -82,6 +95,7 @@ def peak_rss_mb() -> float:
 
 
 def tree_bytes(tree) -> int:
+    import jax
     return sum(int(x.size) * x.dtype.itemsize for x in jax.tree.leaves(tree) if hasattr(x, "dtype"))
 
 
@@ -124,6 +138,9 @@ def table(rows: Iterable[dict[str, Any]], columns: list[tuple[str, str, str]]) -
 
 
 def machine_line(m: dict[str, Any]) -> str:
+    if "torch" in m:
+        return (f"{m['cpus']} × {m['cpu']} ({m['backend']}), PyTorch {m['torch']} on "
+                f"{m['threads']} threads, Python {m['python']}")
     flags = f", XLA_FLAGS={m['xla_flags']}" if m.get("xla_flags") else ""
     return (f"{m['cpus']} × {m['cpu']} ({m['backend']}, {m['device']}), JAX {m['jax']}, "
             f"Python {m['python']}{flags}")

@@ -8,6 +8,11 @@ Each configuration is an AdamW step, jitted, with the trainable state donated.
 It reports the median step time over ``--steps`` steps after warm-up, the
 compiled FLOPs (``cost_analysis``), XLA's memory plan (``memory_analysis``),
 the optimizer-state size and the peak RSS of its own process.
+
+The ``peft`` configuration runs ``torch_peft.py`` (full fine-tuning and PEFT's
+LoRA in PyTorch, same model and shape) with ``--peft-python``, or with this
+python if torch and peft import here; its "× full" is to the PyTorch full
+fine-tuning row, not to the JAX one.
 """
 
 from __future__ import annotations
@@ -29,6 +34,7 @@ from flax import traverse_util  # noqa: E402
 
 import _common as C  # noqa: E402
 import model as M  # noqa: E402
+import torch_peft as TP  # noqa: E402  (imports no torch until it runs)
 
 CONFIGS = ["full", "naive", "hand", "lorax_fn", "lorax_fn_split", "lorax_fn_factored", "jax_lorax",
            "peft"]
@@ -40,8 +46,10 @@ LABELS = {
     "lorax_fn_split": "lorax_fn, `split`/`combine`",
     "lorax_fn_factored": "lorax_fn, mask, `formulation=\"factored\"`",
     "jax_lorax": "jax-lorax (qax)",
-    "peft": "PEFT LoRA (PyTorch)",
+    **TP.LABELS,
 }
+# the full fine-tuning row each framework's "× full" is relative to
+FULL = {"jax": "full", "torch": "peft_full"}
 
 
 def _apply(model):
@@ -243,18 +251,24 @@ COLUMNS = [("label", "configuration", ""), ("step_ms", "step (ms, median)", "{:.
 
 
 def derive(recs: list[dict]) -> list[dict]:
-    """Add ratios to full fine-tuning and MiB columns (same run, same shape)."""
-    full = next((r for r in recs if r.get("config") == "full" and "step_ms" in r), None)
+    """Add ratios to full fine-tuning and MiB columns (same run, same shape).
+
+    Ratios are within a framework: PyTorch rows to PyTorch full fine-tuning. They have
+    no XLA analyses, so their FLOPs and compiled-memory cells stay blank."""
+    fulls = {fw: next((r for r in recs if r.get("config") == c and "step_ms" in r), None)
+             for fw, c in FULL.items()}
     for r in recs:
         if "step_ms" not in r:
             continue
-        r["gflops"] = r["flops"] / 1e9 if r["flops"] == r["flops"] else None
+        full = fulls.get(r.get("framework", "jax"))
+        flops = r.get("flops", float("nan"))
+        r["gflops"] = flops / 1e9 if flops == flops else None
         r["compiled_mb"] = r.get("compiled_bytes", float("nan")) / 2**20
         r["temp_mb"] = r.get("temp_bytes", float("nan")) / 2**20
         r["opt_mb"] = r["opt_state_bytes"] / 2**20
         if full:
             r["ratio"] = r["step_ms"] / full["step_ms"]
-            r["flops_ratio"] = r["flops"] / full["flops"] if r["gflops"] else None
+            r["flops_ratio"] = flops / full["flops"] if r["gflops"] else None
     return recs
 
 
@@ -288,6 +302,9 @@ def parse(argv=None):
     p.add_argument("--steps", type=int, default=10, help="timed steps (after 2 warm-up steps)")
     p.add_argument("--jax-lorax-python", default=os.environ.get("JAX_LORAX_PYTHON", ""),
                    help="python of an environment where jax-lorax is installed")
+    p.add_argument("--peft-python", default=os.environ.get("PEFT_PYTHON", ""),
+                   help="python of an environment where torch and peft are installed "
+                        "(default: this one, if they import here)")
     p.add_argument("--json", help="also write the records to this file (JSON lines)")
     return p.parse_args(argv)
 
@@ -307,7 +324,7 @@ def run_all(a) -> list[dict]:
         if config == "jax_lorax":
             recs += _jax_lorax(a)
         elif config == "peft":
-            recs += _peft(a, config)
+            recs += _peft(a)
         else:
             recs += C.run_child(child_argv(a, config))
         for r in recs:
@@ -325,17 +342,24 @@ def _jax_lorax(a) -> list[dict]:
     return C.run_child(child_argv(a, "jax_lorax"), python=py)
 
 
-def _peft(a, config) -> list[dict]:
+def _peft(a) -> list[dict]:
+    """Both PyTorch configurations, each in its own process."""
     import importlib.util
+    py = a.peft_python
+    if py and os.path.exists(py):
+        return TP.run_all(a, python=py)
     missing = [m for m in ("torch", "peft") if importlib.util.find_spec(m) is None]
-    return [{"config": config, "label": LABELS[config],
-             "error": f"not run: {', '.join(missing) or 'nothing'} missing here; PyTorch rows "
-                      "are not measured by this script yet" if missing else
-                      "not run: PyTorch rows are not implemented in this script"}]
+    if not missing:
+        return TP.run_all(a)
+    return [{"config": "peft", "label": LABELS["peft"],
+             "error": f"not run: {', '.join(missing)} missing here and no PEFT python given "
+                      "(`make bench-env` builds benchmarks/.venv-peft)"}]
 
 
 def main(argv=None) -> list[dict]:
     a = parse(argv)
+    if a.config == "peft":  # PyTorch: torch_peft.py's processes, never this one
+        a.configs, a.config = "peft", None
     if a.config:
         C.emit(run_one(a))
         return []

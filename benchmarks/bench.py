@@ -83,6 +83,9 @@ def render(train, mo, sc, machine, seconds) -> str:
                          f"MLP kernels, AdamW; median of {len(r0['step_ms_all'])} steps after 2 "
                          "warm-up steps):")
         parts.append(C.table(train, T.COLUMNS))
+        note = torch_note(train)
+        if note:
+            parts.append(note)
     goals = targets(train, mo)
     if goals:
         parts.append("**Targets** (from the benchmark issue; lorax_fn is the `optimizer` mask "
@@ -98,6 +101,19 @@ def render(train, mo, sc, machine, seconds) -> str:
                      f"{r0.get('heads')}, same tokens per step):")
         parts.append(C.table(sc, S.COLUMNS))
     return "\n\n".join(parts)
+
+
+def torch_note(train) -> str:
+    """How to read the PyTorch rows, or nothing if none was measured."""
+    rows = [r for r in train if r.get("framework") == "torch" and "step_ms" in r]
+    if not rows:
+        return ""
+    m = rows[0]["machine"]
+    peft = next((r["peft"] for r in rows if "peft" in r), "?")
+    return (f"The PyTorch rows (`torch_peft.py`) train the same model at the same shape "
+            f"in eager PyTorch {m['torch']} on {m['threads']} threads with PEFT {peft}, "
+            "attention as a plain matmul + softmax; their × full is to PyTorch full "
+            "fine-tuning, and they have no XLA FLOPs or memory plan.")
 
 
 def targets(train, mo) -> list[dict]:
@@ -128,7 +144,10 @@ def targets(train, mo) -> list[dict]:
         add("step time, lorax_fn / fastest of full, naive, by hand", r, "≤ 1", r <= 1)
     m = next((x for x in mo if x.get("bench") == "merge"), None)
     if m:
-        add("merge / copy floor", m["ratio"], "≤ 1.5", m["ratio"] <= 1.5)
+        add("merge into new arrays / copy floor", m["ratio"], "≤ 1.5", m["ratio"] <= 1.5)
+        if "in_place_ratio" in m:
+            add("merge in place (`donate=True`) / copy floor", m["in_place_ratio"], "≤ 1.5",
+                m["in_place_ratio"] <= 1.5)
     o = next((x for x in mo if x.get("bench") == "overhead"), None)
     if o:
         add("trace+compile, jit(lora(apply)) / jit(apply)", o["compile_ratio"], "≤ 1.5",

@@ -3,8 +3,9 @@
     python benchmarks/merge_overhead.py             # both, one process each
     python benchmarks/merge_overhead.py --part merge
 
-``merge``: jitted ``lf.merge`` of every adapter against a jitted copy of the
-same dense params (``tree.map(lambda x: x + 0)``), the memory-bandwidth floor.
+``merge``: jitted ``lf.merge`` of every adapter, into new arrays and in place
+(``donate=True``), against a jitted copy of the same dense params
+(``tree.map(lambda x: x + 0)``), the memory-bandwidth floor.
 
 ``overhead``: trace + compile time of ``jit(lora(apply))`` against
 ``jit(apply)``, and the steady-state forward of ``lora(apply)`` on unmerged
@@ -16,6 +17,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import os
+import resource
 import statistics
 import sys
 import time
@@ -38,20 +40,37 @@ def _setup(a):
     return lf, shape, model, params, lp
 
 
+def _timed(fn, repeats, inputs=None) -> tuple[float, float]:
+    """Median ms of ``fn()`` (or of ``fn(x)`` over fresh ``inputs``, for a ``fn`` that
+    consumes its argument), and the minor page faults per call: a call whose outputs
+    land in pages fresh from the OS pays for zeroing them."""
+    it = iter(inputs or ())
+    call = (lambda: fn(next(it))) if inputs else fn
+    f0 = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+    ms = C.median_time(call, repeats)[0]
+    return ms, (resource.getrusage(resource.RUSAGE_SELF).ru_minflt - f0) / (repeats + 2)
+
+
 def bench_merge(a) -> dict:
     lf, shape, _, params, lp = _setup(a)
     merge = jax.jit(lf.merge)
     copy = jax.jit(lambda p: jax.tree.map(lambda x: x + 0, p))
-    # interleaved rounds: both are memory-bound and this machine's bandwidth drifts
-    rounds = [(C.median_time(lambda: merge(lp), a.repeats)[0],
-               C.median_time(lambda: copy(params), a.repeats)[0]) for _ in range(3)]
-    t_merge = statistics.median(m for m, _ in rounds)
-    t_copy = statistics.median(c for _, c in rounds)
+    # in place: every call consumes its bases, so each gets its own copy, made untimed
+    fresh = jax.jit(lambda t: jax.tree.map(lambda x: x + 0, t))
+    in_place = lambda: _timed(lambda t: lf.merge(t, donate=True), a.repeats,  # noqa: E731
+                              [C.block(fresh(lp)) for _ in range(a.repeats + 2)])
+    # interleaved rounds: all are memory-bound and this machine's bandwidth drifts
+    rounds = [(_timed(lambda: merge(lp), a.repeats), _timed(lambda: copy(params), a.repeats),
+               in_place()) for _ in range(3)]
+    (t_merge, f_merge), (t_copy, f_copy), (t_place, f_place) = (
+        tuple(statistics.median(r[k][j] for r in rounds) for j in range(2)) for k in range(3))
     adapted = sum(int(x.w.size) for x in jax.tree.leaves(lp, is_leaf=lf.is_lora) if lf.is_lora(x))
     total = sum(int(x.size) for x in jax.tree.leaves(params))
     return {"bench": "merge", **dataclasses.asdict(shape), "rank": a.rank, "merge_ms": t_merge,
-            "copy_ms": t_copy, "ratio": t_merge / t_copy, "params": total,
-            "adapted_params": adapted, "machine": C.machine()}
+            "copy_ms": t_copy, "ratio": t_merge / t_copy, "merge_in_place_ms": t_place,
+            "in_place_ratio": t_place / t_copy, "faults_per_call": {
+                "merge": f_merge, "copy": f_copy, "merge_in_place": f_place},
+            "params": total, "adapted_params": adapted, "machine": C.machine()}
 
 
 def _compile_time(make_fn, args, repeats) -> float:
@@ -118,9 +137,11 @@ def tables(recs) -> str:
     over = [r for r in recs if r.get("bench") == "overhead"]
     out = []
     if merge:
-        out.append(C.table(merge, [("merge_ms", "merge (ms)", "{:.2f}"),
-                                   ("copy_ms", "copy floor (ms)", "{:.2f}"),
-                                   ("ratio", "× floor", "{:.2f}")]))
+        out.append(C.table(merge, [("merge_ms", "merge, new arrays (ms)", "{:.2f}"),
+                                   ("ratio", "× floor", "{:.2f}"),
+                                   ("merge_in_place_ms", "merge, `donate=True` (ms)", "{:.2f}"),
+                                   ("in_place_ratio", "× floor", "{:.2f}"),
+                                   ("copy_ms", "copy floor (ms)", "{:.2f}")]))
     if over:
         out.append(C.table(over, [
             ("compile_plain_s", "compile jit(apply) (s)", "{:.2f}"),

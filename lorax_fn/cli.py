@@ -185,10 +185,12 @@ def cmd_merge(args: argparse.Namespace) -> int:
                               f"checkpoint, as StandardCheckpointer or save_merged writes): {err}") from err
     tree = load_adapters(adapters_dir, base)
     n = sum(1 for x in jax.tree.leaves(tree, is_leaf=is_lora) if is_lora(x))
+    # the restored bases are ours alone: merging into their buffers avoids a second copy of each
+    tree = merge(tree, donate=True)
     if args.dtype:
         dt = jnp.dtype(args.dtype)
         tree = jax.tree.map(lambda x: x.astype(dt) if jnp.issubdtype(jnp.result_type(x), jnp.floating) else x,
-                            merge(tree))
+                            tree)
     out = save_merged(args.out, tree, overwrite=args.overwrite)
     print(f"merged {n} adapters from {adapters_dir} into the base params from {base_dir}")
     print(f"wrote {out} ({_size(directory_bytes(out))})")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 from typing import Any
 
 import jax
@@ -13,11 +14,18 @@ from .paths import path_str
 from .weight import factor_shapes, is_lora
 
 
-def merge(tree: Any) -> Any:
+def merge(tree: Any, *, donate: bool = False) -> Any:
     """Fold every adapter into its base: ``w + scale·a⊗b`` in ``w``'s dtype.
 
     Args:
       tree: a pytree with :class:`LoraWeight` nodes (other leaves pass through).
+      donate: write each merged weight into its base weight's buffer instead of
+        a new one (``jax.jit`` buffer donation), so switching to inference takes
+        no extra memory and no fresh pages. The adapted ``w`` arrays of ``tree``
+        are deleted by the call (and with them the params :func:`lorafy` was
+        given, which share those arrays); every other leaf, ``a`` and ``b``
+        stay valid.
+        Ignored under a trace (inside ``jit``), where the caller's jit decides.
 
     Returns:
       The dense pytree with the original structure, shapes and dtypes; jittable.
@@ -28,9 +36,27 @@ def merge(tree: Any) -> Any:
         >>> p = {"w": jnp.ones((3, 2))}
         >>> bool((lf.merge(lf.lorafy(p, rank=1))["w"] == p["w"]).all())
         True
+        >>> lp = lf.lorafy({"w": jnp.ones((3, 2))}, rank=1)
+        >>> dense = lf.merge(lp, donate=True)   # lp["w"].w is consumed
+        >>> lp["w"].w.is_deleted()
+        True
     """
-    return jax.tree.map(lambda x: lz.materialize(lz.as_lazy(x)) if is_lora(x) else x, tree,
-                        is_leaf=is_lora)
+    nodes = [x for x in jax.tree.leaves(tree, is_leaf=is_lora) if is_lora(x)]
+    if not donate or not nodes or any(isinstance(x.w, jax.core.Tracer) for x in nodes):
+        return jax.tree.map(lambda x: _merged(x) if is_lora(x) else x, tree, is_leaf=is_lora)
+    out = iter(_merge_into_bases([x.w for x in nodes], [x.replace(w=None) for x in nodes]))
+    return jax.tree.map(lambda x: next(out) if is_lora(x) else x, tree, is_leaf=is_lora)
+
+
+def _merged(x):
+    return lz.materialize(lz.as_lazy(x))
+
+
+# only the bases are donated: the factors never fit an output, and other leaves
+# pass through untouched instead of being consumed
+@functools.partial(jax.jit, donate_argnums=0)
+def _merge_into_bases(ws, factors):
+    return [_merged(f.replace(w=w)) for w, f in zip(ws, factors)]
 
 
 def base(tree: Any) -> Any:

@@ -1,6 +1,8 @@
 """Lazy LoRA values: structural operations keep ``materialize`` equal to the dense op."""
 
+import chex
 import jax
+import jax.extend.core as jex
 import jax.numpy as jnp
 import numpy as np
 from hypothesis import given, settings, strategies as st
@@ -101,3 +103,25 @@ def test_stack_slices_and_unstacking():
         one = lz.Lazy(*jax.tree.map(lambda c: c[i], children), meta)
         np.testing.assert_allclose(lz.materialize(one), dense[:, i], rtol=1e-5, atol=1e-5)
     assert lz.unstack_leading(z) is None  # axis 0 is an 'in' axis
+
+
+def _primitives(jaxpr) -> set[str]:
+    names = set()
+    for eqn in jaxpr.eqns:
+        names.add(eqn.primitive.name)
+        for v in eqn.params.values():
+            if isinstance(v, (jex.Jaxpr, jex.ClosedJaxpr)):
+                names |= _primitives(getattr(v, "jaxpr", v))
+    return names
+
+
+def test_rank_major_grad_is_identity_with_a_pinned_derivative():
+    a = jax.random.normal(jax.random.key(0), (2, 5, 3))  # stack 2, in 5, rank 3
+    x = jax.random.normal(jax.random.key(1), (2, 4, 5))
+    f = lambda a: jnp.sum(jnp.einsum("sti,sir->str", x, lz.rank_major_grad(a, 1)) ** 2)  # noqa: E731
+    ref = lambda a: jnp.sum(jnp.einsum("sti,sir->str", x, a) ** 2)  # noqa: E731
+    chex.assert_trees_all_close(f(a), ref(a))
+    chex.assert_trees_all_close(jax.grad(f)(a), jax.grad(ref)(a), rtol=1e-6)
+    # not differentiated: nothing to compile; differentiated: the barrier pins the layout
+    assert "optimization_barrier" not in _primitives(jax.make_jaxpr(f)(a).jaxpr)
+    assert "optimization_barrier" in _primitives(jax.make_jaxpr(jax.grad(f))(a).jaxpr)

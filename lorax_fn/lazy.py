@@ -320,7 +320,23 @@ def unstack_leading(z: Lazy) -> tuple[tuple, Meta] | None:
 
 def add_delta(w, d):
     """``w + d`` in ``w``'s dtype, accumulated in ``d``'s dtype."""
-    return _add_keeping_zero_sign(w.astype(d.dtype), d).astype(w.dtype)
+    return _add_keeping_zero_sign(w.astype(d.dtype), sharded_like(d, w)).astype(w.dtype)
+
+
+def sharded_like(d, w):
+    """``d`` with ``w``'s sharding where ``w`` is sharded over explicit mesh axes.
+
+    There JAX types shardings, and ``d`` (built from the factors) would carry
+    the factors' spec, which the elementwise sum with ``w`` refuses; elsewhere
+    sharding is XLA's to propagate and ``d`` is returned as it is.
+    """
+    want = getattr(jax.typeof(w), "sharding", None)
+    mesh = getattr(want, "mesh", None)
+    if mesh is None or mesh.empty or jax.sharding.AxisType.Explicit not in mesh.axis_types:
+        return d
+    if jax.typeof(d).sharding.spec == want.spec:
+        return d
+    return jax.sharding.reshard(d, want)
 
 
 @jax.custom_jvp

@@ -226,9 +226,11 @@ def _merged_dot(dense_of, first_of, second_of, meta, primal_merged: bool):
             terms.append(second_of(first_of(x, f1), df2))
         if not terms:
             return y, jnp.zeros_like(y)
-        tangent = terms[0].astype(y.dtype)
+        # on an explicit mesh each term carries its own operands' sharding
+        terms = [lz.sharded_like(t.astype(y.dtype), y) for t in terms]
+        tangent = terms[0]
         for t in terms[1:]:
-            tangent = tangent + t.astype(y.dtype)
+            tangent = tangent + t
         return y, tangent
 
     return f

@@ -21,15 +21,24 @@ def merge(tree: Any, *, donate: bool = False) -> Any:
       tree: a pytree with :class:`LoraWeight` nodes (other leaves pass through).
       donate: write each merged weight into its base weight's buffer instead of
         a new one (``jax.jit`` buffer donation), so switching to inference takes
-        no extra memory and no fresh pages. The adapted ``w`` arrays of ``tree``
-        are deleted by the call (and with them the params :func:`lorafy` was
-        given, which share those arrays); every other leaf, ``a`` and ``b``
-        stay valid.
-        Ignored under a trace (inside ``jit``), where the caller's jit decides.
+        no second copy of the adapted weights. The adapted ``w`` arrays of
+        ``tree`` are deleted by the call (and with them the params
+        :func:`lorafy` was given, which share those arrays); ``a``, ``b`` and
+        every other leaf stay valid. A base shared by several adapters is
+        donated once; one that is also a plain leaf of ``tree`` is not donated.
+        JAX copies instead of donating a buffer it cannot take (one with a
+        live NumPy view, say); the result is the same. Ignored when an array of
+        an adapted weight is being traced (under ``jit``, ``grad``, ``vmap`` …
+        of it), where the caller's transformation decides.
 
     Returns:
       The dense pytree with the original structure, shapes and dtypes; jittable.
       With ``b = 0`` (fresh from :func:`lorafy`) it equals the original bit for bit.
+
+    Raises:
+      StructureError: a ``LoraWeight`` has no base (an :func:`adapters` tree;
+        use :func:`attach` first) or its base was already deleted (by an
+        earlier ``donate=True``); the message names the path.
 
     Example:
         >>> import jax.numpy as jnp, lorax_fn as lf
@@ -41,21 +50,42 @@ def merge(tree: Any, *, donate: bool = False) -> Any:
         >>> lp["w"].w.is_deleted()
         True
     """
-    nodes = [x for x in jax.tree.leaves(tree, is_leaf=is_lora) if is_lora(x)]
-    if not donate or not nodes or any(isinstance(x.w, jax.core.Tracer) for x in nodes):
+    leaves, treedef = jax.tree_util.tree_flatten_with_path(tree, is_leaf=is_lora)
+    nodes = [(path_str(k), x) for k, x in leaves if is_lora(x)]
+    for path, x in nodes:
+        _check_base(path, x)
+    traced = any(isinstance(t, jax.core.Tracer) for _, x in nodes for t in jax.tree.leaves(x))
+    if not donate or not nodes or traced:
         return jax.tree.map(lambda x: _merged(x) if is_lora(x) else x, tree, is_leaf=is_lora)
-    out = iter(_merge_into_bases([x.w for x in nodes], [x.replace(w=None) for x in nodes]))
-    return jax.tree.map(lambda x: next(out) if is_lora(x) else x, tree, is_leaf=is_lora)
+    plain = {id(x) for _, x in leaves if not is_lora(x)}
+    # each distinct base buffer is passed once; a plain leaf's buffer is not donated
+    given, kept, where = {}, {}, []
+    for _, x in nodes:
+        bucket = kept if id(x.w) in plain else given
+        where.append((bucket is given, bucket.setdefault(id(x.w), (len(bucket), x.w))[0]))
+    merged = iter(_merge_into_bases([w for _, w in given.values()], [w for _, w in kept.values()],
+                                    [x.replace(w=None) for _, x in nodes], tuple(where)))
+    return treedef.unflatten([next(merged) if is_lora(x) else x for _, x in leaves])
+
+
+def _check_base(path: str, x) -> None:
+    if x.w is None:
+        raise StructureError(f"'{path}': this LoraWeight has no base weight (an adapters-only "
+                             "tree?); put the adapters back on a base with attach(base, adapters)")
+    if isinstance(x.w, jax.Array) and not isinstance(x.w, jax.core.Tracer) and x.w.is_deleted():
+        raise StructureError(f"'{path}': the base weight was deleted, e.g. donated by an earlier "
+                             "merge(..., donate=True)")
 
 
 def _merged(x):
     return lz.materialize(lz.as_lazy(x))
 
 
-# only the bases are donated: the factors never fit an output, and other leaves
-# pass through untouched instead of being consumed
-@functools.partial(jax.jit, donate_argnums=0)
-def _merge_into_bases(ws, factors):
+# only distinct bases are donated: the factors never fit an output, and other
+# leaves pass through untouched instead of being consumed
+@functools.partial(jax.jit, donate_argnums=0, static_argnums=3)
+def _merge_into_bases(donated, kept, factors, where):
+    ws = [(donated if d else kept)[k] for d, k in where]
     return [_merged(f.replace(w=w)) for w, f in zip(ws, factors)]
 
 

@@ -1,5 +1,9 @@
 """merge, base, adapters, attach, and the LoraWeight node itself."""
 
+import subprocess
+import sys
+import textwrap
+
 import chex
 import jax
 import jax.numpy as jnp
@@ -79,6 +83,45 @@ def test_merge_donate_under_jit_leaves_donation_to_the_outer_jit():
     assert not lp["w"].w.is_deleted()
 
 
+def test_merge_donate_shared_and_plain_bases():
+    w = jax.random.normal(jax.random.key(0), (5, 4))
+    other = jax.random.normal(jax.random.key(1), (5, 4))
+    # one base under two adapters (tied layers), and a base that is also a plain leaf
+    tree = {"enc": w, "dec": w, "proj": other, "proj_copy": other}
+    lp = _random_b(lf.lorafy(tree, rank=2, targets=r"enc|dec|proj"), 3)
+    lp["dec"] = lp["dec"].replace(b=lp["dec"].b * 2)
+    ref = jax.jit(lf.merge)(lp)
+    got = lf.merge(lp, donate=True)
+    chex.assert_trees_all_equal(got, ref)
+    assert not np.array_equal(np.asarray(got["enc"]), np.asarray(got["dec"]))
+    assert w.is_deleted() and not other.is_deleted()  # the plain leaf's buffer is kept
+    assert got["proj_copy"] is other
+
+
+def test_merge_donate_when_only_adapters_are_traced_keeps_the_base():
+    lp = _random_b(lf.lorafy({"w": jnp.ones((6, 4))}, rank=2))
+    base, ad = lf.base(lp), lf.adapters(lp)
+    loss = lambda ad: jnp.sum(lf.merge(lf.attach(base, ad), donate=True)["w"] ** 2)  # noqa: E731
+    g1 = jax.grad(loss)(ad)
+    assert not base["w"].is_deleted()
+    chex.assert_trees_all_close(jax.grad(loss)(ad), g1)  # the base is still usable
+    bs = jnp.stack([ad["w"].b, 2 * ad["w"].b])
+    out = jax.vmap(lambda b: lf.merge(lf.attach(base, {"w": ad["w"].replace(b=b)}),
+                                      donate=True)["w"])(bs)
+    assert out.shape == (2, 6, 4) and not base["w"].is_deleted()
+    chex.assert_trees_all_close(out[1], lf.merge(lf.attach(base, {"w": ad["w"].replace(b=bs[1])}))["w"])
+
+
+def test_merge_errors_name_the_path():
+    lp = lf.lorafy({"layer": {"kernel": jnp.ones((6, 4))}}, rank=2)
+    with pytest.raises(lf.StructureError, match="layer/kernel.*no base weight"):
+        lf.merge(lf.adapters(lp))
+    lf.merge(lp, donate=True)
+    for donate in (False, True):
+        with pytest.raises(lf.StructureError, match="layer/kernel.*deleted"):
+            lf.merge(lp, donate=donate)
+
+
 def test_base_adapters_attach_round_trip():
     p = {"a": {"kernel": jnp.ones((6, 4)), "bias": jnp.zeros(4)}, "b": [jnp.ones((4, 4))]}
     lp = _random_b(lf.lorafy(p, rank=2))
@@ -129,3 +172,48 @@ def test_attach_checks_paths_not_just_counts():
             lf.attach(wrong, ad)
     with pytest.raises(lf.StructureError, match="'q' is int32"):
         lf.attach({"q": jnp.ones((4, 4), jnp.int32), "k": b}, ad)
+
+
+EXPLICIT = textwrap.dedent("""
+    import jax, jax.numpy as jnp, numpy as np
+    from jax.sharding import NamedSharding, PartitionSpec as P
+    import lorax_fn as lf
+    mesh = jax.make_mesh((4, 2), ("data", "model"),
+                         axis_types=(jax.sharding.AxisType.Explicit,) * 2)
+    rng = np.random.default_rng(0)
+    w, a, b = (rng.standard_normal(s).astype(np.float32) for s in [(16, 8), (16, 2), (2, 8)])
+    x = rng.standard_normal((32, 16)).astype(np.float32)
+    f = lambda p, x: jnp.tanh(x @ p["w"])
+    lay = lf.Layout((), (0,), (1,))
+    host = {"w": lf.LoraWeight(jnp.asarray(w), jnp.asarray(a), jnp.asarray(b), rank=2, alpha=4.0,
+                               layout=lay)}
+    want = w + 2.0 * a @ b  # scale alpha / rank
+    grads = jax.grad(lambda t: jnp.sum(f(lf.merge(lf.combine(t, lf.split(host)[1])), x)))(
+        lf.split(host)[0])
+    with jax.set_mesh(mesh):
+        put = lambda v, spec: jax.device_put(jnp.asarray(v), NamedSharding(mesh, spec))
+        tree = lambda: {"w": lf.LoraWeight(put(w, P(None, "model")), put(a, P("data", None)),
+                                           put(b, P()), rank=2, alpha=4.0, layout=lay)}
+        xs = put(x, P("data", None))
+        for donate in (False, True):
+            got = lf.merge(tree(), donate=donate)["w"]
+            assert got.sharding.spec == P(None, "model"), got.sharding
+            np.testing.assert_allclose(np.asarray(got), want, rtol=1e-5, atol=1e-5)
+        for form in ("auto", "factored", "merged"):
+            lp = tree()
+            train, frozen = lf.split(lp)
+            loss = lambda t: jnp.sum(lf.lora(f, formulation=form)(lf.combine(t, frozen), xs))
+            g = jax.jit(jax.grad(loss))(train)
+            for got_, want_ in zip(jax.tree.leaves(g), jax.tree.leaves(grads)):
+                np.testing.assert_allclose(np.asarray(got_), np.asarray(want_), rtol=1e-4, atol=1e-4)
+    print("EXPLICIT-OK")
+""")
+
+
+def test_merge_and_lora_on_an_explicit_mesh():
+    """JAX types shardings over explicit mesh axes: ΔW must take its base's spec."""
+    env = {"XLA_FLAGS": "--xla_force_host_platform_device_count=8", "JAX_PLATFORMS": "cpu",
+           "PATH": "/usr/bin:/bin"}
+    res = subprocess.run([sys.executable, "-c", EXPLICIT], env=env, capture_output=True, text=True,
+                         timeout=300)
+    assert "EXPLICIT-OK" in res.stdout, res.stderr[-3000:]

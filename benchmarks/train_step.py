@@ -348,6 +348,9 @@ def _peft(a) -> list[dict]:
     py = a.peft_python
     if py and os.path.exists(py):
         return TP.run_all(a, python=py)
+    if py:
+        return [{"config": "peft", "label": LABELS["peft"],
+                 "error": f"not run: the PEFT python '{os.path.basename(py)}' given does not exist"}]
     missing = [m for m in ("torch", "peft") if importlib.util.find_spec(m) is None]
     if not missing:
         return TP.run_all(a)

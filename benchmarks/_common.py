@@ -144,3 +144,26 @@ def machine_line(m: dict[str, Any]) -> str:
     flags = f", XLA_FLAGS={m['xla_flags']}" if m.get("xla_flags") else ""
     return (f"{m['cpus']} × {m['cpu']} ({m['backend']}, {m['device']}), JAX {m['jax']}, "
             f"Python {m['python']}{flags}")
+
+
+# the model and adapter size flags every benchmark script takes, so that a parent
+# can hand its sizes to a child process (and train_step's to torch_peft's)
+SHAPE_FLAGS = ["layers", "d_model", "heads", "mlp", "vocab", "seq", "batch", "rank", "alpha"]
+
+
+def add_shape_flags(p) -> None:
+    """Add the size flags (``SHAPE_FLAGS``) with the standard benchmark's defaults."""
+    p.add_argument("--layers", type=int, default=4)
+    p.add_argument("--d-model", type=int, default=512)
+    p.add_argument("--heads", type=int, default=8)
+    p.add_argument("--mlp", type=int, default=0, help="MLP width (default 4 × d_model)")
+    p.add_argument("--vocab", type=int, default=8192)
+    p.add_argument("--seq", type=int, default=128)
+    p.add_argument("--batch", type=int, default=8)
+    p.add_argument("--rank", type=int, default=8)
+    p.add_argument("--alpha", type=float, default=16.0)
+
+
+def flags(a, names) -> list[str]:
+    """``--name=value`` for each attribute ``name`` of the parsed arguments ``a``."""
+    return [f"--{k.replace('_', '-')}={getattr(a, k)}" for k in names]

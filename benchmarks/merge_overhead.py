@@ -108,24 +108,14 @@ def bench_overhead(a) -> dict:
 def parse(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--part", choices=["merge", "overhead"], help="run one part in this process")
-    p.add_argument("--layers", type=int, default=4)
-    p.add_argument("--d-model", type=int, default=512)
-    p.add_argument("--heads", type=int, default=8)
-    p.add_argument("--mlp", type=int, default=0)
-    p.add_argument("--vocab", type=int, default=8192)
-    p.add_argument("--seq", type=int, default=128)
-    p.add_argument("--batch", type=int, default=8)
-    p.add_argument("--rank", type=int, default=8)
-    p.add_argument("--alpha", type=float, default=16.0)
+    C.add_shape_flags(p)
     p.add_argument("--repeats", type=int, default=20, help="timed calls per measurement")
     p.add_argument("--compile-repeats", type=int, default=3)
     return p.parse_args(argv)
 
 
 def run_all(a) -> list[dict]:
-    args = [f"--{k.replace('_', '-')}={getattr(a, k)}" for k in
-            ("layers", "d_model", "heads", "mlp", "vocab", "seq", "batch", "rank", "alpha",
-             "repeats", "compile_repeats")]
+    args = C.flags(a, C.SHAPE_FLAGS + ["repeats", "compile_repeats"])
     recs = []
     for part in ("merge", "overhead"):
         recs += C.run_child([os.path.abspath(__file__), "--part", part, *args])

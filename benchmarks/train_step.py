@@ -289,15 +289,7 @@ def parse(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--config", help=f"run one configuration in this process: {', '.join(CONFIGS)}")
     p.add_argument("--configs", default=",".join(CONFIGS), help="comma list to run, one process each")
-    p.add_argument("--layers", type=int, default=4)
-    p.add_argument("--d-model", type=int, default=512)
-    p.add_argument("--heads", type=int, default=8)
-    p.add_argument("--mlp", type=int, default=0, help="MLP width (default 4 × d_model)")
-    p.add_argument("--vocab", type=int, default=8192)
-    p.add_argument("--seq", type=int, default=128)
-    p.add_argument("--batch", type=int, default=8)
-    p.add_argument("--rank", type=int, default=8)
-    p.add_argument("--alpha", type=float, default=16.0)
+    C.add_shape_flags(p)
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
     p.add_argument("--steps", type=int, default=10, help="timed steps (after 2 warm-up steps)")
     p.add_argument("--jax-lorax-python", default=os.environ.get("JAX_LORAX_PYTHON", ""),
@@ -310,12 +302,8 @@ def parse(argv=None):
 
 
 def child_argv(a, config) -> list[str]:
-    keep = ["layers", "d_model", "heads", "mlp", "vocab", "seq", "batch", "rank", "alpha",
-            "dtype", "steps"]
-    args = [os.path.abspath(__file__), "--config", config]
-    for k in keep:
-        args += [f"--{k.replace('_', '-')}", str(getattr(a, k))]
-    return args
+    return [os.path.abspath(__file__), "--config", config,
+            *C.flags(a, C.SHAPE_FLAGS + ["dtype", "steps"])]
 
 
 def run_all(a) -> list[dict]:

@@ -9,6 +9,7 @@ import jax
 import jax.numpy as jnp
 import pytest
 from jax import lax
+from jaxprs import walk
 
 import lorax_fn as lf
 
@@ -118,15 +119,7 @@ def test_remat_keeps_policy():
 
 
 def _all_eqns(jaxpr):
-    out = []
-    for e in jaxpr.eqns:
-        out.append(e)
-        for v in e.params.values():
-            for sub in (v if isinstance(v, (tuple, list)) else [v]):
-                inner = getattr(sub, "jaxpr", sub)
-                if hasattr(inner, "eqns"):
-                    out.extend(_all_eqns(inner))
-    return out
+    return [e for e, _ in walk(jaxpr)]
 
 
 def test_custom_jvp_rule_is_kept():

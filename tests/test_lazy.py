@@ -2,10 +2,10 @@
 
 import chex
 import jax
-import jax.extend.core as jex
 import jax.numpy as jnp
 import numpy as np
 from hypothesis import given, settings, strategies as st
+from jaxprs import walk
 
 import lorax_fn as lf
 from lorax_fn import lazy as lz
@@ -106,13 +106,7 @@ def test_stack_slices_and_unstacking():
 
 
 def _primitives(jaxpr) -> set[str]:
-    names = set()
-    for eqn in jaxpr.eqns:
-        names.add(eqn.primitive.name)
-        for v in eqn.params.values():
-            if isinstance(v, (jex.Jaxpr, jex.ClosedJaxpr)):
-                names |= _primitives(getattr(v, "jaxpr", v))
-    return names
+    return {eqn.primitive.name for eqn, _ in walk(jaxpr)}
 
 
 def test_rank_major_grad_is_identity_with_a_pinned_derivative():

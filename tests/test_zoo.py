@@ -22,6 +22,7 @@ from absl.testing import parameterized
 from jax.tree_util import DictKey, GetAttrKey, SequenceKey
 
 import lorax_fn as lf
+from jaxprs import walk
 from models import ZOO
 
 # alpha != rank so that a scale of 1, alpha or 1/r instead of alpha/r is caught
@@ -276,15 +277,9 @@ def test_library_merge_matches_dense_merge(name):
 
 
 # ------------------------------------------------------------ control flow
-def _primitives(jaxpr, inside=()):
+def _primitives(jaxpr):
     """(primitive, params, enclosing primitive names) for every equation, recursively."""
-    for eqn in jaxpr.eqns:
-        yield eqn.primitive.name, eqn.params, inside
-        for v in eqn.params.values():
-            for sub in v if isinstance(v, (list, tuple)) else [v]:
-                sub = getattr(sub, "jaxpr", sub)
-                if hasattr(sub, "eqns"):
-                    yield from _primitives(sub, inside + (eqn.primitive.name,))
+    return ((eqn.primitive.name, eqn.params, inside) for eqn, inside in walk(jaxpr))
 
 
 def test_scanned_layers_stay_scanned_and_rematerialised():

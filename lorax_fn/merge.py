@@ -54,9 +54,9 @@ def merge(tree: Any, *, donate: bool = False) -> Any:
     nodes = [(path_str(k), x) for k, x in leaves if is_lora(x)]
     for path, x in nodes:
         _check_base(path, x)
-    traced = any(isinstance(t, jax.core.Tracer) for _, x in nodes for t in jax.tree.leaves(x))
-    if not donate or not nodes or traced:
-        return jax.tree.map(lambda x: _merged(x) if is_lora(x) else x, tree, is_leaf=is_lora)
+    if not (donate and nodes) or any(isinstance(t, jax.core.Tracer)
+                                     for _, x in nodes for t in jax.tree.leaves(x)):
+        return treedef.unflatten([_merged(x) if is_lora(x) else x for _, x in leaves])
     plain = {id(x) for _, x in leaves if not is_lora(x)}
     # each distinct base buffer is passed once; a plain leaf's buffer is not donated
     given, kept, where = {}, {}, []

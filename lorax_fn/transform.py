@@ -2,13 +2,17 @@
 
 from __future__ import annotations
 
+import collections
 import functools
+import warnings
 from typing import Any, Callable
 
 import jax
 import numpy as np
+from jax.extend.core import ClosedJaxpr, Jaxpr
 
 from . import lazy as lz
+from .errors import NoAdapterWarning
 from .interpret import Context, Use, run_closed
 from .paths import path_str
 from .weight import LoraWeight, is_lora
@@ -75,6 +79,16 @@ def _trace(fn, treedef, kinds, statics, avals):
     return closed, jax.tree_util.tree_structure(out_shape)
 
 
+def _warn_no_adapter(fn: Callable) -> None:
+    name = getattr(fn, "__qualname__", None) or getattr(fn, "__name__", None) or repr(fn)
+    warnings.warn(
+        f"lora({name}) was called with no LoraWeight among its arguments, so it has nothing to "
+        "keep low-rank; if the function closes over lorafied params, they are constants of its "
+        "trace and their adapters get no gradient (all zeros, silently). Pass the lorafied "
+        "params as an argument of the wrapped function instead of closing over them: "
+        "lora(apply)(lp, x), not lora(lambda x: apply(lp, x))(x).", NoAdapterWarning, stacklevel=3)
+
+
 def _interpret(closed, ctx: Context, kinds, paths, dynamic):
     invals = [lz.from_weight(x, p) if k == "lora" else x
               for x, k, p in zip(dynamic, [k for k in kinds if k != "static"], paths)]
@@ -112,7 +126,10 @@ def lora(fn: Callable, *, on_materialize: str = "warn", formulation: str = "auto
         no merged weight is kept for the backward pass.
 
     Returns:
-      A function with ``fn``'s signature and outputs.
+      A function with ``fn``'s signature and outputs. Calling it with no
+      :class:`LoraWeight` among the arguments warns (:class:`NoAdapterWarning`,
+      once per trace): LoRA weights that ``fn`` closes over are not seen by
+      the transform and their adapters take no gradient.
 
     Raises:
       MaterializationError: under ``on_materialize="raise"``, at trace time.
@@ -132,6 +149,8 @@ def lora(fn: Callable, *, on_materialize: str = "warn", formulation: str = "auto
         key = _key(treedef, kinds, statics, avals)
         entry = cache.get(key) if key is not None else None
         if entry is None:
+            if "lora" not in kinds:
+                _warn_no_adapter(fn)
             closed, out_tree = _trace(fn, treedef, kinds, statics, avals)
             run = jax.jit(functools.partial(_interpret, closed, ctx, kinds, _paths(args, kwargs)))
             entry = (run, out_tree)
@@ -148,6 +167,11 @@ def lora(fn: Callable, *, on_materialize: str = "warn", formulation: str = "auto
 class Explanation(tuple):
     """The uses :func:`explain` found: a tuple of ``Use(path, primitive, low_rank, detail)``.
 
+    The tuple holds the uses of the forward pass. ``.gradient`` holds those
+    of the differentiated computation, what ``jax.grad`` of the transformed
+    function runs; they differ where a ``custom_jvp``/``custom_vjp`` rule
+    receives a LoRA weight, since the rule is written for the dense weight.
+
     Example:
         >>> import jax.numpy as jnp, lorax_fn as lf
         >>> lp = lf.lorafy({"w": jnp.ones((3, 2))}, rank=1)
@@ -156,14 +180,27 @@ class Explanation(tuple):
         path  primitive              computed
         w     dot_general            low-rank
         1 uses, 0 materialised
-        >>> rep.materialized
-        ()
+        >>> rep.materialized, rep.gradient.materialized
+        ((), ())
     """
+
+    def __new__(cls, uses=(), gradient: "Explanation | None" = None, gradient_error: str = ""):
+        self = super().__new__(cls, uses)
+        self._gradient = gradient
+        self._gradient_error = gradient_error
+        return self
 
     @property
     def materialized(self) -> tuple[Use, ...]:
         """The uses that built a dense ``w + ΔW``."""
         return tuple(u for u in self if not u.low_rank)
+
+    @property
+    def gradient(self) -> "Explanation | None":
+        """The uses under differentiation with respect to the adapters (as ``jax.grad`` in
+        training); ``None`` when JAX cannot differentiate the function, or for a report
+        that is itself a gradient's."""
+        return getattr(self, "_gradient", None)
 
     def by_path(self) -> dict[str, tuple[Use, ...]]:
         """Uses grouped by parameter path."""
@@ -172,17 +209,65 @@ class Explanation(tuple):
             out.setdefault(u.path, []).append(u)
         return {k: tuple(v) for k, v in out.items()}
 
+    def _gradient_only(self) -> list[Use]:
+        """Materialised uses of the gradient beyond those of the forward pass."""
+        extra = collections.Counter(self.gradient.materialized if self.gradient else ())
+        extra.subtract(collections.Counter(self.materialized))
+        return [u for u in dict.fromkeys(self.gradient or ()) for _ in range(max(extra[u], 0))]
+
     def __str__(self) -> str:
-        if not self:
-            return "no LoRA weight is used"
-        width = max([len("path")] + [len(u.path) for u in self])
-        lines = [f"{'path':<{width}}  {'primitive':<22} computed"]
-        for u in self:
-            how = "low-rank" if u.low_rank else f"MATERIALISED ({u.detail})"
-            lines.append(f"{u.path:<{width}}  {u.primitive:<22} {how}")
-        n = len(self.materialized)
-        lines.append(f"{len(self)} uses, {n} materialised")
+        more = self._gradient_only()
+        note = getattr(self, "_gradient_error", "")
+        if not self and not more:
+            return "no LoRA weight is used" + (f"\n{note}" if note else "")
+        width = max([len("path")] + [len(u.path) for u in (*self, *more)])
+        row = lambda u: f"{u.path:<{width}}  {u.primitive:<22} " + (  # noqa: E731
+            "low-rank" if u.low_rank else f"MATERIALISED ({u.detail})")
+        lines = [f"{'path':<{width}}  {'primitive':<22} computed"] + [row(u) for u in self]
+        lines.append(f"{len(self)} uses, {len(self.materialized)} materialised")
+        if more:
+            lines.append(f"differentiating (jax.grad w.r.t. the adapters) also materialises "
+                         f"{len(more)}:")
+            lines += [row(u) for u in more]
+        if note:
+            lines.append(note)
         return "\n".join(lines)
+
+
+_CUSTOM_RULES = ("custom_jvp_call", "custom_vjp_call", "custom_vjp_call_jaxpr")
+
+
+def _has_custom_rule(jaxpr) -> bool:
+    """Whether a ``custom_jvp``/``custom_vjp`` call occurs anywhere in ``jaxpr``."""
+    jaxpr = jaxpr.jaxpr if isinstance(jaxpr, ClosedJaxpr) else jaxpr
+    for eqn in jaxpr.eqns:
+        if eqn.primitive.name in _CUSTOM_RULES:
+            return True
+        for param in eqn.params.values():
+            for sub in param if isinstance(param, (tuple, list)) else (param,):
+                if isinstance(sub, (ClosedJaxpr, Jaxpr)) and _has_custom_rule(sub):
+                    return True
+    return False
+
+
+def _gradient_uses(closed, kinds, paths, dynamic) -> list:
+    """The uses recorded while ``jax.vjp`` traces the interpreter, w.r.t. every adapter."""
+    uses: list = []
+    ctx = Context("allow", record=uses)
+    is_lw = [isinstance(x, LoraWeight) for x in dynamic]
+
+    def forward(dyn, factors):
+        it = iter(factors)
+        dyn = [x.replace(**dict(zip("ab", next(it)))) if lw else x for x, lw in zip(dyn, is_lw)]
+        return _interpret(closed, ctx, kinds, paths, dyn)
+
+    def differentiated(dyn):
+        factors = [(x.a, x.b) for x in dyn if isinstance(x, LoraWeight)]
+        # the rules of custom_jvp/custom_vjp are traced when JAX linearises, i.e. in vjp
+        return jax.vjp(functools.partial(forward, dyn), factors)[0]
+
+    jax.eval_shape(differentiated, dynamic)
+    return uses
 
 
 def explain(fn: Callable, *args: Any, **kwargs: Any) -> Explanation:
@@ -190,26 +275,54 @@ def explain(fn: Callable, *args: Any, **kwargs: Any) -> Explanation:
 
     Runs :func:`lora`'s interpreter abstractly (``jax.eval_shape``: no FLOPs)
     and lists, per parameter path, every primitive that consumed the weight and
-    whether it stayed low-rank or was materialised (and why).
+    whether it stayed low-rank or was materialised (and why). It does so for
+    the forward pass and for the gradient: a ``custom_jvp``/``custom_vjp``
+    rule that receives a LoRA weight keeps the forward pass low-rank but, once
+    differentiated, runs on the dense weight (``lora`` warns then, at gradient
+    time); ``.gradient`` reports that ahead of time, and ``str()`` lists it.
 
     Args:
       fn: the un-transformed function, as you would pass it to :func:`lora`.
       *args, **kwargs: its arguments, with :class:`LoraWeight` leaves.
 
     Returns:
-      An :class:`Explanation`: a tuple of ``Use`` records; ``str()`` gives a
-      table, ``.materialized`` the uses that fell off the fast path.
+      An :class:`Explanation`: a tuple of ``Use`` records of the forward pass;
+      ``str()`` gives a table, ``.materialized`` the uses that fell off the
+      fast path, ``.gradient`` the same report for the computation that
+      ``jax.grad`` with respect to the adapters runs (``None``, with a note in
+      ``str()``, when JAX cannot differentiate ``fn``).
+
+    Raises:
+      Whatever tracing ``fn`` on these arguments raises (as :func:`lora` would);
+      a failure to differentiate ``fn`` is reported, not raised.
 
     Example:
-        >>> import jax.numpy as jnp, lorax_fn as lf
+        >>> import jax, jax.numpy as jnp, lorax_fn as lf
+        >>> @jax.custom_vjp
+        ... def mm(x, w):
+        ...     return x @ w
+        >>> mm.defvjp(lambda x, w: (x @ w, (x, w)), lambda r, g: (g @ r[1].T, r[0].T @ g))
         >>> lp = lf.lorafy({"w": jnp.ones((3, 2))}, rank=1)
-        >>> rep = lf.explain(lambda p, x: x @ p["w"], lp, jnp.ones((4, 3)))
+        >>> rep = lf.explain(lambda p, x: mm(x, p["w"]), lp, jnp.ones((4, 3)))
         >>> [(u.path, u.primitive, u.low_rank) for u in rep]
         [('w', 'dot_general', True)]
+        >>> [(u.path, u.primitive, u.low_rank) for u in rep.gradient.materialized]
+        [('w', 'custom_vjp_call', False)]
     """
     treedef, kinds, dynamic, statics, avals = _prepare(args, kwargs)
     closed, _ = _trace(fn, treedef, kinds, statics, avals)
+    paths = _paths(args, kwargs)
     uses: list = []
     ctx = Context("allow", record=uses)
-    jax.eval_shape(functools.partial(_interpret, closed, ctx, kinds, _paths(args, kwargs)), dynamic)
-    return Explanation(uses)
+    jax.eval_shape(functools.partial(_interpret, closed, ctx, kinds, paths), dynamic)
+    if "lora" not in kinds or not _has_custom_rule(closed):
+        # elsewhere differentiation transforms the operations the forward pass
+        # emitted; only a custom rule runs other code (its own, on the dense weight)
+        return Explanation(uses, gradient=Explanation(uses))
+    try:
+        grad_uses = _gradient_uses(closed, kinds, paths, dynamic)
+    except Exception as err:  # JAX cannot differentiate fn: then there is no gradient to explain
+        first = (str(err).strip().splitlines() or [""])[0]
+        return Explanation(uses, gradient_error="the gradient was not explained: JAX could not "
+                           f"differentiate the function ({type(err).__name__}: {first})")
+    return Explanation(uses, gradient=Explanation(grad_uses))

@@ -1,5 +1,7 @@
 """lora(fn) as a function transform: arguments, outputs, statics, jit/grad/vmap composition."""
 
+import warnings
+
 import chex
 import jax
 import jax.numpy as jnp
@@ -63,7 +65,8 @@ def test_returning_the_weight_itself_materialises_it():
 def test_plain_arrays_pass_through_untouched():
     p = {"w": jnp.ones((6, 5)), "b": jnp.ones(5)}
     run = lf.lora(lambda p, x: f(p, x)["y"], on_materialize="raise")
-    chex.assert_trees_all_close(run(p, X), f(p, X)["y"])
+    with pytest.warns(lf.NoAdapterWarning):
+        chex.assert_trees_all_close(run(p, X), f(p, X)["y"])
 
 
 def test_explain_lists_paths_with_argument_structure():
@@ -90,3 +93,94 @@ def test_paths_keep_other_arguments_apart():
     assert [u.path for u in rep] == ["<argument 0>"]
     with pytest.raises(lf.MaterializationError, match="returned by the function"):
         lf.lora(lambda p: p["w"], on_materialize="raise")(lp)
+
+
+def _custom_vjp_mm():
+    @jax.custom_vjp
+    def mm(x, w):
+        return x @ w
+
+    mm.defvjp(lambda x, w: (x @ w, (x, w)), lambda r, g: (g @ r[1].T, r[0].T @ g))
+    return mm
+
+
+def _custom_jvp_mm():
+    @jax.custom_jvp
+    def mm(x, w):
+        return x @ w
+
+    @mm.defjvp
+    def mm_jvp(primals, tangents):
+        (x, w), (dx, dw) = primals, tangents
+        return mm(x, w), dx @ w + x @ dw
+
+    return mm
+
+
+@pytest.mark.parametrize("make, primitive", [(_custom_vjp_mm, "custom_vjp_call"),
+                                             (_custom_jvp_mm, "custom_jvp_call")])
+def test_explain_reports_what_the_gradient_materialises(make, primitive):
+    mm = make()
+    fn = lambda p, x: jnp.tanh(mm(x, p["w"]) + p["b"])  # noqa: E731
+    lp = _lp()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        jax.grad(lambda q: lf.lora(fn)(q, X).sum())(lp)
+    # the reference: what differentiating lora(fn) actually warns about
+    warned = [str(w.message) for w in caught if w.category is lf.MaterializationWarning]
+    assert len(warned) == 1 and "'w'" in warned[0]
+
+    rep = lf.explain(fn, lp, X)
+    assert rep.materialized == ()                              # the forward pass stays low-rank
+    got = [(u.path, u.primitive) for u in rep.gradient.materialized]
+    assert got == [("w", primitive)]
+    assert f"'{got[0][0]}'" in warned[0] and f"'{got[0][1]}'" in warned[0]
+    assert rep.gradient.materialized[0].detail in warned[0]
+    text = str(rep)
+    assert "1 uses, 0 materialised" in text
+    assert "differentiating (jax.grad w.r.t. the adapters) also materialises 1:" in text
+    assert f"{got[0][1]}" in text.splitlines()[-1] and "MATERIALISED" in text.splitlines()[-1]
+
+
+def test_explain_gradient_equals_the_forward_report_without_custom_rules():
+    lp = _lp()
+    rep = lf.explain(lambda p, x: f(p, x)["y"], lp, X)
+    assert rep.gradient == rep and rep.gradient.materialized == ()
+    assert str(rep).endswith("1 uses, 0 materialised")
+
+
+def test_explain_notes_a_function_jax_cannot_differentiate():
+    mm = _custom_vjp_mm()
+    shape = jax.ShapeDtypeStruct((3, 5), jnp.float32)
+    fn = lambda p, x: jax.pure_callback(np.asarray, shape, mm(x, p["w"]))  # noqa: E731
+    rep = lf.explain(fn, _lp(), X)
+    assert [(u.path, u.low_rank) for u in rep] == [("w", True)]
+    assert rep.gradient is None
+    assert "the gradient was not explained" in str(rep) and "JVP" in str(rep)
+
+
+def test_lora_without_an_adapter_argument_warns_once_per_trace():
+    lp = _lp()
+    dense = lf.merge(lp)
+    closes_over = lambda x: f(dense, x)["y"]  # noqa: E731  the usual mistake: params closed over
+    run = jax.jit(lf.lora(closes_over))
+    with pytest.warns(lf.NoAdapterWarning) as caught:
+        for _ in range(3):
+            run(X)
+        run(X[:2])                                             # a new shape: a new trace
+    msgs = [str(w.message) for w in caught if w.category is lf.NoAdapterWarning]
+    assert len(msgs) == 2
+    assert "no LoraWeight among its arguments" in msgs[0]     # the cause
+    assert "closes over" in msgs[0] and "no gradient" in msgs[0]
+    assert "Pass the lorafied params as an argument of the wrapped function" in msgs[0]  # the fix
+    assert "instead of closing over them" in msgs[0]
+    assert "<lambda>" in msgs[0]                               # names the function
+
+
+def test_lora_with_an_adapter_argument_does_not_warn():
+    lp = _lp()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", lf.NoAdapterWarning)
+        lf.lora(lambda p, x: f(p, x)["y"])(lp, X)
+        lf.lora(lambda x, *, p: f(p, x)["y"])(X, p={"inner": lp}["inner"])
+        lf.lora(lambda x, w: x @ w)(X, lp["w"])

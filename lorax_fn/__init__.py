@@ -6,8 +6,8 @@ weights; ``optimizer``/``split`` train only the adapters; ``merge`` folds them
 back for plain jitted inference.
 """
 
-from .errors import (CheckpointError, LayoutError, LoraError, MaterializationError,
-                     MaterializationWarning, RankError, StructureError, TargetDtypeError, TargetError)
+from .errors import (ArgumentError, CheckpointError, LayoutError, LoraError, MaterializationError,
+                     MaterializationWarning, NoAdapterWarning, RankError, StructureError, TargetDtypeError, TargetError)
 from .interpret import Use
 from .lorafy import lorafy
 from .merge import adapters, attach, base, merge
@@ -21,8 +21,8 @@ from .resume import AdapterCheckpointManager, Restored
 __version__ = "0.1.0"
 
 __all__ = [  # the public API: everything else is internal
-    "Explanation", "Layout", "LayoutError", "LoraError", "LoraWeight", "MaterializationError",
-    "MaterializationWarning", "RankError", "StructureError", "TargetDtypeError", "TargetError",
+    "ArgumentError", "Explanation", "Layout", "LayoutError", "LoraError", "LoraWeight", "MaterializationError",
+    "MaterializationWarning", "NoAdapterWarning", "RankError", "StructureError", "TargetDtypeError", "TargetError",
     "Use", "adapters", "attach", "base", "combine", "explain", "is_lora", "lora", "lorafy",
     "merge", "optimizer", "split", "trainable_mask",
     "AdapterCheckpointManager", "CheckpointError", "Restored", "load_adapters", "load_peft",

@@ -27,6 +27,23 @@ class TargetError(LoraError, ValueError):
     """
 
 
+class ArgumentError(LoraError, ValueError, TypeError):
+    """An argument has a type or value that can never work (the message names the argument).
+
+    Raised where a bad value would otherwise surface later as a raw JAX or
+    NumPy error, or be accepted and then refused when a checkpoint of it is
+    loaded (``alpha=0``, ``key=0``, an integer adapter ``dtype``).
+
+    Example:
+        >>> import jax.numpy as jnp, lorax_fn as lf
+        >>> try:
+        ...     lf.lorafy({"w": jnp.ones((4, 3))}, rank=2, alpha=float("nan"))
+        ... except lf.ArgumentError as e:
+        ...     print(type(e).__name__, "alpha" in str(e))
+        ArgumentError True
+    """
+
+
 class RankError(LoraError, ValueError):
     """The rank is not positive or exceeds the factorised dimensions of a weight.
 
@@ -105,6 +122,22 @@ class MaterializationWarning(UserWarning):
         ...     _ = lf.lora(lambda p: p["w"] + 1.0)(lp)
         >>> [w.category.__name__ for w in caught]
         ['MaterializationWarning']
+    """
+
+
+class NoAdapterWarning(UserWarning):
+    """Nothing would train: ``lorafy`` adapted no leaf, ``lora(fn)`` got no adapter, or an optimizer has nothing trainable.
+
+    Each of these runs without an error but leaves every gradient zero, so
+    the message names the cause and what to change.
+
+    Example:
+        >>> import warnings, jax.numpy as jnp, lorax_fn as lf
+        >>> with warnings.catch_warnings(record=True) as caught:
+        ...     warnings.simplefilter("always")
+        ...     _ = lf.lorafy({"bias": jnp.zeros(3)})
+        >>> [w.category.__name__ for w in caught]
+        ['NoAdapterWarning']
     """
 
 

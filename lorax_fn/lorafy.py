@@ -10,9 +10,11 @@ from typing import Any, Callable, Mapping, Sequence, Union
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from . import infer
-from .errors import LayoutError, RankError, TargetDtypeError, TargetError
+from .errors import (ArgumentError, LayoutError, NoAdapterWarning, RankError, TargetDtypeError,
+                     TargetError)
 from .paths import leaves_with_paths
 from .weight import Layout, LoraWeight, default_layout, factor_shapes, is_lora
 
@@ -21,14 +23,104 @@ LayoutSpec = Union[None, Layout, Sequence, Mapping[str, Any], Callable[[str, Any
 INITS = ("kaiming", "gaussian")
 
 
-def _matcher(spec: Targets) -> Callable[[str, Any], bool] | None:
+def _compile(spec: Targets, name: str) -> list[re.Pattern]:
+    """The patterns of a ``targets``-like argument, each checked: a TargetError names the argument."""
+    pats = [spec] if isinstance(spec, str) else spec
+    if not isinstance(pats, (list, tuple)):
+        raise TargetError(f"{name} must be a regex string, a list of them, or a predicate(path, leaf); got "
+                          f"{type(spec).__name__} {spec!r}")
+    compiled = []
+    for p in pats:
+        if not isinstance(p, str):
+            raise TargetError(f"{name} must hold regex strings; got {type(p).__name__} {p!r} in {spec!r}")
+        try:
+            compiled.append(re.compile(p))
+        except re.error as err:
+            hint = f"'.*{p.lstrip('*')}'" if p.startswith("*") else "a regular expression"
+            raise TargetError(f"{name}={p!r} is not a valid regular expression ({err}). Patterns are "
+                              f"full-match regexes on '/'-joined paths, not globs: write {hint}") from None
+    return compiled
+
+
+def _matcher(spec: Targets, name: str = "targets") -> Callable[[str, Any], bool] | None:
+    """``predicate(path, leaf)`` for a ``targets``-like argument; TargetError for a malformed one."""
     if spec is None:
         return None
     if callable(spec):
         return spec
-    pats = [spec] if isinstance(spec, str) else list(spec)
-    compiled = [re.compile(p) for p in pats]
+    compiled = _compile(spec, name)
     return lambda path, leaf: any(c.fullmatch(path) for c in compiled)
+
+
+def _partial_hint(spec: Targets, paths: list[str]) -> str:
+    """A suggestion when a pattern matches nothing in full but occurs inside some paths (``kernel`` → ``.*kernel``)."""
+    if spec is None or callable(spec):
+        return ""
+    pats = [spec] if isinstance(spec, str) else list(spec)
+    for p in pats:
+        inside = [q for q in paths if re.search(p, q)]
+        if inside:
+            fix = f".*{p}" if any(re.fullmatch(f".*{p}", q) for q in inside) else f".*{p}.*"
+            return (f". Patterns must match the whole path (re.fullmatch): {p!r} only occurs inside paths "
+                    f"such as '{inside[0]}'; did you mean {fix!r}?")
+    return ""
+
+
+def _check_key(key: Any) -> Any:
+    """One PRNG key (typed, or a raw ``uint32`` key); ArgumentError naming ``key`` otherwise."""
+    if key is None:
+        return jax.random.key(0)
+    dtype = getattr(key, "dtype", None)
+    shape = getattr(key, "shape", None)
+    if dtype is None or shape is None:
+        raise ArgumentError(f"key must be a PRNG key such as jax.random.key(0); got {type(key).__name__} "
+                            f"{key!r}")
+    if jax.dtypes.issubdtype(dtype, jax.dtypes.prng_key):
+        if shape != ():
+            raise ArgumentError(f"key must be one PRNG key; got an array of {shape} keys (from "
+                                "jax.random.split?): pass one of them, e.g. keys[0]")
+        return key
+    if dtype == jnp.uint32 and len(shape) == 1:  # a raw key from jax.random.PRNGKey
+        return key
+    raise ArgumentError(f"key must be one PRNG key such as jax.random.key(0); got an array of dtype {dtype} and "
+                        f"shape {tuple(shape)}" + (" (split keys: pass one of them, e.g. keys[0])"
+                                                   if dtype == jnp.uint32 else ""))
+
+
+def _check_rank(rank: Any) -> int:
+    if isinstance(rank, bool) or not isinstance(rank, (int, np.integer)):
+        raise RankError(f"rank must be a positive integer, got {type(rank).__name__} {rank!r}")
+    if rank < 1:
+        raise RankError(f"rank must be a positive integer, got {rank!r}")
+    return int(rank)
+
+
+def _check_alpha(alpha: Any, rank: int) -> float:
+    if alpha is None:
+        return float(rank)
+    if isinstance(alpha, (bool, str)):
+        raise ArgumentError(f"alpha must be a finite number > 0, got {type(alpha).__name__} {alpha!r}")
+    try:
+        value = float(alpha)
+    except (TypeError, ValueError, jax.errors.ConcretizationTypeError):
+        raise ArgumentError(f"alpha must be a finite number > 0, got {type(alpha).__name__} {alpha!r}") from None
+    if not math.isfinite(value) or value <= 0:
+        # saving would succeed and loading refuse: a run that cannot be resumed
+        raise ArgumentError(f"alpha must be a finite number > 0, got {alpha!r}")
+    return value
+
+
+def _check_dtype(dtype: Any) -> Any:
+    if dtype is None:
+        return None
+    try:
+        dt = jnp.dtype(dtype)
+    except TypeError:
+        raise ArgumentError(f"dtype must be a floating-point dtype such as jnp.float32, got {dtype!r}") from None
+    if not jnp.issubdtype(dt, jnp.floating) or dt.itemsize < 2:
+        raise ArgumentError(f"dtype={dt.name} cannot hold adapters: pass a floating-point dtype of 16 bits or "
+                            "more (jnp.float32, or jnp.bfloat16)")
+    return dt
 
 
 def _is_float(x) -> bool:
@@ -58,6 +150,22 @@ def _nearest(pattern: Any, paths: list[str]) -> str:
     near = difflib.get_close_matches(str(text), paths, n=5, cutoff=0.0) if text else []
     near = near or paths[:5]
     return ", ".join(f"'{p}'" for p in near)
+
+
+def _why_nothing(rank: int, too_small: list[str], fn: Any, seen: dict | None) -> str:
+    """The cause and the fix when the default targets adapt no leaf (every gradient would be zero)."""
+    head = "lorafy adapted no leaf, so nothing will train: "
+    if too_small:
+        return (head + f"rank {rank} is larger than every candidate allows (" + "; ".join(too_small[:3])
+                + "). Lower `rank`, or pass `targets` to choose leaves explicitly.")
+    if fn is not None and not seen:
+        return (head + "`fn` never uses its argument (does it close over the params instead?). Write it as a "
+                "function of the params it is given, e.g. fn=lambda p: model.apply({'params': p}, x).")
+    if fn is not None:
+        return (head + "`fn` contracts no floating-point leaf of ndim >= 2 in a matmul, convolution or row "
+                "lookup. Pass `targets` to choose leaves explicitly.")
+    return (head + "the tree has no floating-point leaf of ndim >= 2 (the default targets). Pass `targets` "
+            "to choose leaves explicitly.")
 
 
 def _init_factors(key, shape_a, shape_b, fan_in: int, rank: int, dtype, init: str):
@@ -120,12 +228,23 @@ def lorafy(
       ``merge`` of it equals ``params`` bit for bit (``b = 0``).
 
     Raises:
-      TargetError: ``targets`` matched nothing (the message lists near paths).
-      TargetDtypeError: a target is not a floating-point array.
-      RankError: ``rank`` is not positive or exceeds ``min(prod(in), prod(out))``
-        of an explicit target (default targets that small are left dense, with a
-        warning naming them).
+      TargetError: ``targets`` matched nothing (the message lists near paths,
+        and suggests ``.*kernel`` for ``kernel``), or ``targets``/``exclude``
+        is not a valid regex, list of regexes or predicate.
+      TargetDtypeError: a target is not a floating-point array, or is an 8-bit
+        float and no wider adapter ``dtype`` was given.
+      RankError: ``rank`` is not a positive integer, or exceeds
+        ``min(prod(in), prod(out))`` of an explicit target (default targets
+        that small are left dense, with a warning naming them).
+      ArgumentError: ``alpha`` is not a finite number > 0, ``dtype`` is not a
+        floating-point dtype of at least 16 bits, ``key`` is not one PRNG key,
+        or ``init`` is unknown.
       LayoutError: a layout does not fit its weight's shape.
+
+    Warns:
+      NoAdapterWarning: no leaf was adapted (all too small for ``rank``, or
+        ``fn`` never uses its argument): nothing would train.
+      UserWarning: ``exclude`` matched no leaf.
 
     Example:
         >>> import jax.numpy as jnp, lorax_fn as lf
@@ -135,19 +254,22 @@ def lorafy(
         LoraWeight(shape=(16, 4), dtype=float32, rank=2, alpha=4, in=(0,), out=(1,))
     """
     if init not in INITS:
-        raise ValueError(f"init must be one of {INITS}, got {init!r}")
-    if int(rank) != rank or rank < 1:
-        raise RankError(f"rank must be a positive integer, got {rank!r}")
-    alpha = float(rank if alpha is None else alpha)
-    key = jax.random.key(0) if key is None else key
+        raise ArgumentError(f"init must be one of {INITS}, got {init!r}")
+    rank = _check_rank(rank)
+    alpha = _check_alpha(alpha, rank)
+    dtype = _check_dtype(dtype)
+    key = _check_key(key)
     flat, treedef = leaves_with_paths(params, is_leaf=is_lora)
     paths = [p for p, _ in flat]
-    want, skip = _matcher(targets), _matcher(exclude)
+    want, skip = _matcher(targets, "targets"), _matcher(exclude, "exclude")
     seen = infer.observe(fn, params, is_leaf=is_lora) if fn is not None else None
 
-    chosen, too_small = [], []
+    chosen, too_small, excluded = [], [], 0
     for i, (path, leaf) in enumerate(flat):
-        if is_lora(leaf) or (skip is not None and skip(path, leaf)):
+        if is_lora(leaf):
+            continue
+        if skip is not None and skip(path, leaf):
+            excluded += 1
             continue
         if want is not None:
             if not want(path, leaf):
@@ -158,6 +280,10 @@ def lorafy(
                     f"(got {getattr(leaf, 'dtype', type(leaf).__name__)}); exclude it or narrow `targets`")
         elif not (_is_float(leaf) and leaf.ndim >= 2):
             continue
+        if dtype is None and jnp.dtype(leaf.dtype).itemsize < 2:
+            raise TargetDtypeError(f"target '{path}' is {jnp.dtype(leaf.dtype).name}: 8-bit floats cannot hold "
+                                   "trainable adapters; pass dtype=jnp.bfloat16 (or float32) for them, or "
+                                   "exclude the leaf")
         lay = _user_layout(layout, path, leaf)
         if lay is None and seen is not None:
             lay, unserved = infer.choose(leaf.ndim, seen.get(i, []))
@@ -189,9 +315,13 @@ def lorafy(
 
     if want is not None and not chosen:
         raise TargetError(f"targets={targets!r} matched no adaptable leaf; nearest paths: "
-                          f"{_nearest(targets, paths)}")
-
-    if too_small:
+                          f"{_nearest(targets, paths)}{_partial_hint(targets, paths)}")
+    if skip is not None and not excluded:
+        warnings.warn(f"exclude={exclude!r} matched no leaf, so nothing was excluded; nearest paths: "
+                      f"{_nearest(exclude, paths)}{_partial_hint(exclude, paths)}", UserWarning, stacklevel=2)
+    if not chosen:
+        warnings.warn(_why_nothing(rank, too_small, fn, seen), NoAdapterWarning, stacklevel=2)
+    elif too_small:
         warnings.warn("lorafy left these default targets dense: " + "; ".join(too_small)
                       + ". Pass `targets` to choose leaves explicitly.", stacklevel=2)
     new = [leaf for _, leaf in flat]

@@ -216,3 +216,96 @@ def test_conflicting_uses_warn_and_name_the_path():
 def test_malformed_layout_is_a_layout_error():
     with pytest.raises(lf.LayoutError, match="'head/kernel'"):
         lf.lorafy(_params(), rank=2, targets="head/kernel", layout={"head/kernel": ((), (0,))})
+
+
+# ------------------------------------------------------------------ bad arguments, named before anything runs
+@pytest.mark.parametrize("alpha", [0, -1.0, float("nan"), float("inf"), True, "2"])
+def test_alpha_that_could_never_be_loaded_is_refused(alpha):
+    # saving such a tree works but loading refuses it: a run that could not be resumed
+    with pytest.raises(lf.ArgumentError, match="alpha"):
+        lf.lorafy(_params(), rank=2, alpha=alpha)
+
+
+@pytest.mark.parametrize("rank", [2.0, True, "2", None])
+def test_rank_must_be_an_integer(rank):
+    with pytest.raises(lf.RankError, match="rank must be a positive integer"):
+        lf.lorafy(_params(), rank=rank)
+
+
+def test_rank_may_be_a_numpy_integer():
+    assert lf.lorafy(_params(), rank=np.int64(2), targets="head/kernel")["head"]["kernel"].rank == 2
+
+
+@pytest.mark.parametrize("dtype", [jnp.int32, jnp.uint8, jnp.float8_e4m3fn, "not-a-dtype"])
+def test_adapter_dtype_must_be_a_wide_float(dtype):
+    with pytest.raises(lf.ArgumentError, match="dtype"):
+        lf.lorafy(_params(), rank=2, dtype=dtype)
+
+
+def test_float8_base_needs_a_wider_adapter_dtype():
+    p = {"w": jnp.ones((8, 4), jnp.float8_e4m3fn)}
+    with pytest.raises(lf.TargetDtypeError, match="'w'.*dtype=jnp.bfloat16"):
+        lf.lorafy(p, rank=2)
+    lw = lf.lorafy(p, rank=2, dtype=jnp.bfloat16)["w"]
+    assert lw.a.dtype == jnp.bfloat16 and lw.w.dtype == jnp.float8_e4m3fn
+
+
+@pytest.mark.parametrize("key, hint", [
+    (0, "jax.random.key"),
+    (jax.random.split(jax.random.key(0)), "keys\\[0\\]"),
+    (jax.random.split(jax.random.PRNGKey(0)), "keys\\[0\\]"),
+    (jnp.zeros(3, jnp.float32), "jax.random.key"),
+])
+def test_key_must_be_one_prng_key(key, hint):
+    with pytest.raises(lf.ArgumentError, match=f"key.*{hint}"):
+        lf.lorafy(_params(), rank=2, key=key)
+
+
+def test_raw_and_typed_keys_both_work_and_differ_by_seed():
+    a1 = lf.lorafy(_params(), rank=2, key=jax.random.PRNGKey(1))["head"]["kernel"].a
+    a2 = lf.lorafy(_params(), rank=2, key=jax.random.key(1))["head"]["kernel"].a
+    a3 = lf.lorafy(_params(), rank=2, key=jax.random.key(2))["head"]["kernel"].a
+    np.testing.assert_array_equal(a1, a2)
+    assert not np.array_equal(a2, a3)
+
+
+@pytest.mark.parametrize("arg", ["targets", "exclude"])
+def test_glob_instead_of_regex_is_a_target_error_with_the_fix(arg):
+    with pytest.raises(lf.TargetError, match=f"{arg}='\\*kernel'.*full-match.*'\\.\\*kernel'"):
+        lf.lorafy(_params(), **{arg: "*kernel"})
+
+
+@pytest.mark.parametrize("targets", [[1], 3, [".*kernel", None]])
+def test_targets_that_are_not_patterns(targets):
+    with pytest.raises(lf.TargetError, match="targets"):
+        lf.lorafy(_params(), targets=targets)
+
+
+def test_partial_pattern_suggests_the_full_match():
+    with pytest.raises(lf.TargetError, match="did you mean '\\.\\*kernel'"):
+        lf.lorafy(_params(), targets="kernel")
+
+
+def test_exclude_that_matches_nothing_warns_with_a_hint():
+    with pytest.warns(UserWarning, match="exclude='kernel' matched no leaf.*'\\.\\*kernel'"):
+        lp = lf.lorafy(_params(), rank=2, exclude="kernel")
+    assert len(_targets(lp)) == 3  # nothing excluded, as the warning says
+
+
+def test_rank_too_large_for_every_default_target_warns_that_nothing_trains():
+    with pytest.warns(lf.NoAdapterWarning, match="rank 1000.*Lower `rank`"):
+        lp = lf.lorafy(_params(), rank=1000)
+    assert _targets(lp) == []
+
+
+def test_fn_that_ignores_its_argument_warns_that_nothing_trains():
+    p = _params()
+    x = jnp.ones((2, 8))
+    with pytest.warns(lf.NoAdapterWarning, match="`fn` never uses its argument.*fn=lambda p"):
+        lp = lf.lorafy(p, rank=2, fn=lambda _: x @ p["encoder"]["dense"]["kernel"])
+    assert _targets(lp) == []
+
+
+def test_tree_without_matrices_warns_that_nothing_trains():
+    with pytest.warns(lf.NoAdapterWarning, match="no floating-point leaf of ndim >= 2"):
+        lf.lorafy({"bias": jnp.zeros(3), "step": jnp.zeros((3, 3), jnp.int32)})

@@ -52,6 +52,32 @@ def test_merge_is_jittable_and_keeps_dtype():
     chex.assert_trees_all_close(m, lf.merge(lp))
 
 
+@pytest.mark.parametrize("donate", [False, True])
+def test_merge_dtype_keeps_a_small_update_that_bfloat16_rounds_away(donate):
+    rng = np.random.default_rng(0)
+    w = rng.standard_normal((64, 32)).astype(np.float32)
+    w_bf = jnp.asarray(w, jnp.bfloat16)
+    lw = lf.lorafy({"w": w_bf}, rank=4, dtype=jnp.float32)["w"]
+    b = 1e-3 * rng.standard_normal(lw.b.shape).astype(np.float32)
+    lw = lw.replace(b=jnp.asarray(b))
+    # the dense reference in float64, from the bfloat16 base as stored
+    want = np.asarray(w_bf, np.float64) + lw.scale * np.asarray(lw.a, np.float64) @ b.astype(np.float64)
+    update = want - np.asarray(w_bf, np.float64)
+    exact = lf.merge({"w": lw}, dtype=jnp.float32, donate=donate)["w"]
+    assert exact.dtype == jnp.float32
+    np.testing.assert_allclose(exact, want, rtol=0, atol=1e-6)
+    assert not lw.w.is_deleted()  # donation consumed the float32 copy, never the caller's bfloat16 base
+    # the default lands in the base's dtype, which loses a large share of such an update
+    lossy = np.asarray(lf.merge({"w": lw})["w"], np.float64) - np.asarray(w_bf, np.float64)
+    assert np.linalg.norm(lossy - update) / np.linalg.norm(update) > 0.3
+
+
+@pytest.mark.parametrize("dtype", [jnp.int8, "nope"])
+def test_merge_dtype_must_be_floating(dtype):
+    with pytest.raises(lf.ArgumentError, match="dtype"):
+        lf.merge(lf.lorafy({"w": jnp.ones((4, 3))}, rank=1), dtype=dtype)
+
+
 @settings(max_examples=10, deadline=None)
 @given(st.integers(0, 1000), st.sampled_from([jnp.float32, jnp.bfloat16]),
        st.sampled_from([(6, 4), (3, 5, 4)]))

@@ -8,6 +8,8 @@ crash mid-save leaves no half-written checkpoint under the final name.
 
 from __future__ import annotations
 
+import glob
+import json
 import os
 import shutil
 from pathlib import Path
@@ -25,6 +27,12 @@ __all__ = ["load_adapters", "read_adapter_config", "save_adapters", "save_merged
 
 # an overwrite writes the new checkpoint next to the old one and swaps the two directories
 NEW_SUFFIX, OLD_SUFFIX = ".lorax-new", ".lorax-old"
+MARK = "lorax_fn"  # key of the Orbax custom metadata that marks a checkpoint as ours
+
+
+def _absolute(directory: str | os.PathLike) -> Path:
+    """The absolute, lexically normalised path ('..' resolved, links not followed)."""
+    return Path(os.path.abspath(Path(directory).expanduser()))
 
 
 def composite_checkpointer(**extra_items: ocp.CheckpointHandler) -> ocp.Checkpointer:
@@ -62,6 +70,100 @@ def committed_dir(directory: str | os.PathLike) -> Path:
     raise CheckpointError(f"no checkpoint at '{path}'")
 
 
+def _marker(kind: str) -> dict:
+    """Orbax custom metadata naming this library as the writer: what ``overwrite=True`` looks for."""
+    from . import __version__
+    return {MARK: {"kind": kind, "library_version": __version__}}
+
+
+def _lexists(path: Path) -> bool:
+    return os.path.lexists(path)
+
+
+def written_by_lorax(path: Path) -> bool:
+    """Whether ``path`` is a real directory holding a checkpoint this library wrote.
+
+    Checkpoints carry ``custom_metadata["lorax_fn"]`` in Orbax's
+    ``_CHECKPOINT_METADATA``; adapter checkpoints from before that marker are
+    recognised by their adapter config. Nothing else (a folder of user files,
+    another program's Orbax checkpoint) qualifies, so ``overwrite=True``
+    never deletes it.
+    """
+    if path.is_symlink() or not path.is_dir():
+        return False
+    meta = path / "_CHECKPOINT_METADATA"
+    try:
+        if not meta.is_symlink() and meta.is_file() and meta.stat().st_size < 2**20:
+            custom = json.loads(meta.read_text()).get("custom_metadata") or {}
+            if isinstance(custom.get(MARK), dict):
+                return True
+    except (OSError, ValueError, AttributeError):
+        pass
+    if (path / CONFIG).is_symlink() or not (path / CONFIG).is_dir():
+        return False
+    ck = composite_checkpointer()
+    try:
+        _read_config(ck, path)
+        return True
+    except CheckpointError:
+        return False
+    finally:
+        ck.close()
+
+
+def check_destination(path: Path, overwrite: bool, flag: str = "overwrite=True") -> None:
+    """Refuse, before anything is written, a destination a save could not use safely.
+
+    Raises CheckpointError when a parent of ``path`` is a file (Orbax would
+    fail half-way), when ``path`` or a name the save writes next to it is a
+    symbolic link (a write would land outside the directory given), or when
+    ``path`` exists and is not a checkpoint this library wrote (``overwrite``
+    only ever replaces those). ``flag`` is how the caller spells the overwrite
+    option in messages (the CLI says ``--overwrite``).
+    """
+    for parent in path.parents:
+        if _lexists(parent):
+            if not parent.is_dir():
+                raise CheckpointError(f"cannot write '{path}': '{parent}' is a file, not a directory")
+            break
+    new, old = path.with_name(path.name + NEW_SUFFIX), path.with_name(path.name + OLD_SUFFIX)
+    tmps = [t for n in (path, new) for t in path.parent.glob(glob.escape(n.name) + ".orbax-checkpoint-tmp*")] \
+        if path.parent.is_dir() else []
+    for name in (path, new, old, *tmps):
+        if name.is_symlink():
+            raise CheckpointError(f"'{name}' is a symbolic link; lorax_fn never saves through links (the write "
+                                  "would land wherever it points): remove it or give the real path")
+        if name != path and _lexists(name) and not name.is_dir():
+            raise CheckpointError(f"'{name}' is a file in the way of the save to '{path}'; it was left "
+                                  "untouched: move it away")
+    if not _lexists(path):
+        return
+    if not overwrite:
+        raise CheckpointError(f"'{path}' already exists; pass {flag} to replace it")
+    if not path.is_dir():
+        raise CheckpointError(f"'{path}' is a file, not a checkpoint directory; {flag} only replaces "
+                              "checkpoints written by lorax_fn, so it was left untouched")
+    if not written_by_lorax(path):
+        raise CheckpointError(f"'{path}' is not a checkpoint written by lorax_fn (it has no lorax_fn metadata); "
+                              f"{flag} only replaces those, so it was left untouched: remove it yourself or "
+                              "save somewhere else")
+
+
+def _remove_stale(path: Path) -> None:
+    """Delete what an earlier interrupted save to ``path`` left next to it, and only that."""
+    new, old = path.with_name(path.name + NEW_SUFFIX), path.with_name(path.name + OLD_SUFFIX)
+    for stale in (new, old):
+        if _lexists(stale):
+            if not written_by_lorax(stale):
+                raise CheckpointError(f"'{stale}' is in the way of the save to '{path}' and is not a checkpoint "
+                                      "written by lorax_fn; it was left untouched: move it away")
+            shutil.rmtree(stale)
+    # Orbax's unfinished temporary of the new checkpoint (check_destination refused links and files)
+    for stale in path.parent.glob(glob.escape(new.name) + ".orbax-checkpoint-tmp*"):
+        if stale.is_dir() and not stale.is_symlink():
+            shutil.rmtree(stale)
+
+
 def _save_replacing(path: Path, overwrite: bool, write: Callable[[Path], None]) -> None:
     """Run ``write(target)`` so that an existing checkpoint at ``path`` is replaced only once the new one is committed.
 
@@ -70,18 +172,15 @@ def _save_replacing(path: Path, overwrite: bool, write: Callable[[Path], None]) 
     committed by Orbax) under ``<path>.lorax-new``, then the old one is renamed
     aside, the new one renamed in, and the old one deleted. A crash before the
     first rename leaves the old checkpoint in place; between the renames, both
-    are complete on disk and :func:`committed_dir` says where.
+    are complete on disk and :func:`committed_dir` says where. Only a
+    checkpoint this library wrote is ever replaced (see :func:`check_destination`).
     """
-    if not path.exists():
+    check_destination(path, overwrite)
+    if not _lexists(path):
         write(path)
         return
-    if not overwrite:
-        raise CheckpointError(f"'{path}' already exists; pass overwrite=True to replace it")
+    _remove_stale(path)  # left by an earlier overwrite that stopped while writing, or around its renames
     new, old = path.with_name(path.name + NEW_SUFFIX), path.with_name(path.name + OLD_SUFFIX)
-    # left by an earlier overwrite that stopped while writing, or before or after its renames
-    for stale in [new, old, *path.parent.glob(new.name + ".orbax-checkpoint-tmp*")]:
-        if stale.exists():
-            shutil.rmtree(stale)
     write(new)
     os.rename(path, old)
     os.rename(new, path)
@@ -150,7 +249,8 @@ def save_adapters(directory: str | os.PathLike, tree: Any, *, trainable: Targets
       trainable: fully trained non-LoRA leaves to store as well (biases,
         ``modules_to_save``-style heads), in the forms :func:`optimizer` takes.
       metadata: JSON-serialisable notes kept in the config (e.g. the base model's name).
-      overwrite: replace an existing checkpoint. The new one is written next
+      overwrite: replace an existing checkpoint written by lorax_fn (nothing
+        else is ever replaced). The new one is written next
         to it (``<directory>.lorax-new``) and swapped in once committed, so a
         crash never leaves neither; training loops should still use
         :class:`AdapterCheckpointManager`, which writes one directory per step.
@@ -159,7 +259,11 @@ def save_adapters(directory: str | os.PathLike, tree: Any, *, trainable: Targets
       The absolute path of the checkpoint.
 
     Raises:
-      CheckpointError: ``directory`` exists and ``overwrite`` is False.
+      CheckpointError: ``directory`` exists and ``overwrite`` is False; it
+        exists and is not a checkpoint lorax_fn wrote (a file, a folder of
+        other files: never replaced, even with ``overwrite``); it, or a name
+        the save writes next to it, is a symbolic link; or a parent is a file.
+        Each is raised before anything is written.
       StructureError: the tree holds nothing to save, or a LoRA weight has no base.
 
     Example:
@@ -170,13 +274,14 @@ def save_adapters(directory: str | os.PathLike, tree: Any, *, trainable: Targets
         ['arrays', 'commit_success.txt', 'config']
     """
     arrays, config = fmt.describe(tree, trainable, metadata)
-    path = Path(directory).expanduser().absolute()
+    path = _absolute(directory)
 
     def write(target: Path) -> None:
         ck = composite_checkpointer()
         try:
             ck.save(target, args=ocp.args.Composite(**{ARRAYS: ocp.args.StandardSave(arrays),
-                                                       CONFIG: ocp.args.JsonSave(config)}))
+                                                       CONFIG: ocp.args.JsonSave(config)}),
+                    custom_metadata=_marker("adapters"))
         finally:
             ck.close()
 
@@ -262,7 +367,7 @@ def save_merged(directory: str | os.PathLike, tree: Any, *, overwrite: bool = Fa
       The absolute path of the checkpoint.
 
     Raises:
-      CheckpointError: ``directory`` exists and ``overwrite`` is False.
+      CheckpointError: as for :func:`save_adapters`, before the merge runs.
 
     Example:
         >>> import tempfile, jax.numpy as jnp, orbax.checkpoint as ocp, lorax_fn as lf
@@ -272,14 +377,18 @@ def save_merged(directory: str | os.PathLike, tree: Any, *, overwrite: bool = Fa
         ...     ck.restore(d)["w"].shape
         (4, 3)
     """
-    path = Path(directory).expanduser().absolute()
-    if path.exists() and not overwrite:
-        raise CheckpointError(f"'{path}' already exists; pass overwrite=True to replace it")
+    path = _absolute(directory)
+    check_destination(path, overwrite)  # before the merge: a bad destination fails fast
     dense = merge(tree)
 
     def write(target: Path) -> None:
-        with ocp.StandardCheckpointer() as ck:
-            ck.save(target, dense)
+        # synchronous: a failed background write of StandardCheckpointer (async) keeps the process from exiting;
+        # the files are the same, so StandardCheckpointer().restore reads them
+        ck = ocp.Checkpointer(ocp.StandardCheckpointHandler())
+        try:
+            ck.save(target, args=ocp.args.StandardSave(dense), custom_metadata=_marker("merged"))
+        finally:
+            ck.close()
 
     _save_replacing(path, overwrite, write)
     return path

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import os
 import sys
 from pathlib import Path
 from typing import Sequence
@@ -163,11 +164,21 @@ def cmd_merge(args: argparse.Namespace) -> int:
     import jax.numpy as jnp
     import orbax.checkpoint as ocp
 
-    from .checkpoint import committed_dir, load_adapters, save_merged
-    from .errors import CheckpointError
+    from .checkpoint import _absolute, check_destination, committed_dir, load_adapters, save_merged
+    from .errors import ArgumentError, CheckpointError
     from .merge import merge
     from .weight import is_lora
 
+    dt = None
+    if args.dtype:
+        try:
+            dt = jnp.dtype(args.dtype)
+        except TypeError:
+            dt = None
+        if dt is None or not jnp.issubdtype(dt, jnp.floating):
+            # an integer dtype would truncate every weight
+            raise ArgumentError(f"--dtype {args.dtype} is not a floating-point dtype; use float32, bfloat16 or "
+                                "float16")
     adapters_dir, _ = _adapter_dir(Path(args.adapters).expanduser().absolute())
     base_dir = committed_dir(args.base)
     out_dir = Path(args.out).expanduser().resolve()  # resolve: '..' and symlinks must not hide an overlap
@@ -177,6 +188,8 @@ def cmd_merge(args: argparse.Namespace) -> int:
         if out_dir == src or src in out_dir.parents or out_dir in src.parents:
             raise CheckpointError(f"--out '{out_dir}' overlaps {what} '{src}'; write the merged params "
                                   "somewhere else")
+    # before anything is read: a destination that cannot be used fails now, and untouched
+    check_destination(_absolute(args.out), args.overwrite, flag="--overwrite")
     try:
         with ocp.StandardCheckpointer() as ck:
             base = ck.restore(base_dir)
@@ -185,10 +198,10 @@ def cmd_merge(args: argparse.Namespace) -> int:
                               f"checkpoint, as StandardCheckpointer or save_merged writes): {err}") from err
     tree = load_adapters(adapters_dir, base)
     n = sum(1 for x in jax.tree.leaves(tree, is_leaf=is_lora) if is_lora(x))
-    # the restored bases are ours alone: merging into their buffers avoids a second copy of each
-    tree = merge(tree, donate=True)
-    if args.dtype:
-        dt = jnp.dtype(args.dtype)
+    # the restored bases are ours alone: merging into their buffers avoids a second copy of each; with
+    # --dtype the update is added in that dtype, not rounded to the base's first
+    tree = merge(tree, donate=True, dtype=dt)
+    if dt is not None:
         tree = jax.tree.map(lambda x: x.astype(dt) if jnp.issubdtype(jnp.result_type(x), jnp.floating) else x,
                             tree)
     out = save_merged(args.out, tree, overwrite=args.overwrite)
@@ -213,8 +226,10 @@ def parser() -> argparse.ArgumentParser:
     m.add_argument("--adapters", required=True, help="adapter checkpoint (save_adapters or a manager step)")
     m.add_argument("--base", required=True, help="base params: a standard Orbax pytree checkpoint")
     m.add_argument("--out", required=True, help="where to write the merged params (must not exist)")
-    m.add_argument("--dtype", default=None, help="cast the merged floating-point params (e.g. bfloat16)")
-    m.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
+    m.add_argument("--dtype", default=None, help="cast the merged floating-point params (float32, bfloat16, "
+                                                 "float16)")
+    m.add_argument("--overwrite", action="store_true",
+                   help="replace --out if it is a checkpoint lorax_fn wrote (anything else is refused)")
     m.set_defaults(run=cmd_merge)
     return p
 
@@ -230,7 +245,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser().parse_args(argv)
     from .errors import LoraError
     try:
-        return args.run(args)
+        status = args.run(args)
+        sys.stdout.flush()  # a closed pipe (`| head`) shows here, not at interpreter exit
+        return status
     except LoraError as err:
         print(f"error: {err}", file=sys.stderr)
+        return 1
+    except BrokenPipeError:
+        # the reader went away (`... | head`): stop quietly, and keep Python from failing again at exit
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return 1

@@ -136,3 +136,83 @@ def test_merge_refuses_to_write_over_its_inputs(adapter, tmp_path, capsys):
         assert "overlaps --" in capsys.readouterr().err
     with ocp.StandardCheckpointer() as ck:  # the base is still there, unchanged
         chex.assert_trees_all_equal(ck.restore(tmp_path / "base", jax.eval_shape(lambda: params)), params)
+
+
+# ------------------------------------------------------------------ hardening: destinations and dtypes
+@pytest.fixture()
+def base_ckpt(adapter, tmp_path):
+    params, lp, path = adapter
+    with ocp.StandardCheckpointer() as ck:
+        ck.save(tmp_path / "base", params)
+    return ["merge", "--adapters", str(path), "--base", str(tmp_path / "base")]
+
+
+@pytest.mark.parametrize("dtype", ["int8", "int32", "bool", "not-a-dtype"])
+def test_merge_refuses_a_non_float_dtype(base_ckpt, tmp_path, capsys, dtype):
+    assert cli.main([*base_ckpt, "--out", str(tmp_path / "m"), "--dtype", dtype]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("error: --dtype") and "floating-point" in err and err.count("\n") == 1
+    assert not (tmp_path / "m").exists()
+
+
+def test_merge_dtype_float32_keeps_the_update_of_a_bfloat16_base(tmp_path):
+    rng = np.random.default_rng(1)
+    params = {"w": jnp.asarray(rng.standard_normal((32, 16)), jnp.bfloat16)}
+    lw = lf.lorafy(params, rank=2, dtype=jnp.float32)["w"]
+    lw = lw.replace(b=jnp.asarray(1e-3 * rng.standard_normal(lw.b.shape), jnp.float32))
+    ad = lf.save_adapters(tmp_path / "ad", {"w": lw})
+    with ocp.StandardCheckpointer() as ck:
+        ck.save(tmp_path / "base", params)
+    assert cli.main(["merge", "--adapters", str(ad), "--base", str(tmp_path / "base"), "--out",
+                     str(tmp_path / "m"), "--dtype", "float32"]) == 0
+    with ocp.StandardCheckpointer() as ck:
+        got = ck.restore(tmp_path / "m")["w"]
+    want = np.asarray(params["w"], np.float64) + lw.scale * np.asarray(lw.a, np.float64) @ np.asarray(lw.b, np.float64)
+    assert got.dtype == np.float32
+    np.testing.assert_allclose(got, want, rtol=0, atol=1e-6)
+
+
+def test_merge_refuses_to_overwrite_a_plain_file(base_ckpt, tmp_path, capsys):
+    out = tmp_path / "notes.txt"
+    out.write_text("mine")
+    assert cli.main([*base_ckpt, "--out", str(out), "--overwrite"]) == 1
+    err = capsys.readouterr().err
+    assert "is a file, not a checkpoint directory" in err and err.count("\n") == 1
+    assert out.read_text() == "mine" and not Path(str(out) + ".lorax-old").exists()
+
+
+def test_merge_refuses_to_overwrite_a_folder_of_user_files(base_ckpt, tmp_path, capsys):
+    out = tmp_path / "project"
+    (out / "data").mkdir(parents=True)
+    (out / "train.py").write_text("print('hi')")
+    (out / "data" / "x.csv").write_text("1,2")
+    assert cli.main([*base_ckpt, "--out", str(out), "--overwrite"]) == 1
+    assert "not a checkpoint written by lorax_fn" in capsys.readouterr().err
+    assert (out / "train.py").read_text() == "print('hi')" and (out / "data" / "x.csv").read_text() == "1,2"
+
+
+def test_merge_overwrite_replaces_its_own_output(base_ckpt, tmp_path, capsys):
+    out = tmp_path / "m"
+    assert cli.main([*base_ckpt, "--out", str(out)]) == 0
+    assert cli.main([*base_ckpt, "--out", str(out)]) == 1
+    assert "pass --overwrite to replace it" in capsys.readouterr().err  # the flag, not the Python argument
+    assert cli.main([*base_ckpt, "--out", str(out), "--overwrite"]) == 0
+
+
+def test_merge_under_a_regular_file_is_a_one_line_error_and_the_process_exits(base_ckpt, tmp_path):
+    (tmp_path / "a_file").write_text("x")
+    res = subprocess.run([sys.executable, "-m", "lorax_fn", *base_ckpt, "--out", str(tmp_path / "a_file" / "x")],
+                         capture_output=True, text=True, cwd=ROOT, timeout=60)  # today's main never exited
+    assert res.returncode == 1
+    assert res.stderr.startswith("error: cannot write") and "is a file, not a directory" in res.stderr
+    assert res.stderr.count("\n") == 1
+
+
+def test_output_into_a_closed_pipe_has_no_traceback(tmp_path):
+    # enough rows that the output outgrows the pipe's buffer after `head` has left
+    lp = lf.lorafy({f"layer{i}": {"kernel": jnp.ones((4, 4))} for i in range(300)}, rank=2)
+    path = lf.save_adapters(tmp_path / "ad", lp)
+    res = subprocess.run(f"{sys.executable} -m lorax_fn inspect {path} | head -n 1", shell=True,
+                         capture_output=True, text=True, cwd=ROOT, timeout=120)
+    assert res.stdout.startswith("lorax_fn adapter checkpoint")
+    assert "Traceback" not in res.stderr and "BrokenPipeError" not in res.stderr

@@ -105,9 +105,13 @@ def _children(lw: LoraWeight) -> dict[str, Any]:
     return {kp[0].name: x for kp, x in flat}
 
 
-def describe(tree: Any, trainable: Targets = None,
-             metadata: Mapping[str, Any] | None = None) -> tuple[dict, dict]:
+def describe(tree: Any, trainable: Targets = None, metadata: Mapping[str, Any] | None = None,
+             train: Mapping[str, Any] | None = None) -> tuple[dict, dict]:
     """``(arrays, config)`` to store for the adapters of ``tree`` and its ``trainable`` leaves.
+
+    ``train`` is the record of a training step's other state (the ``train``
+    section :class:`AdapterCheckpointManager` checks on restore); it goes into
+    the config before the config checksum is taken, so the checksum covers it.
 
     Raises:
       StructureError: no adapters and no trainable leaves, a LoRA weight
@@ -146,6 +150,8 @@ def describe(tree: Any, trainable: Targets = None,
         raise StructureError("the tree has no LoRA weights and `trainable` matched no leaf: nothing to save")
     config = {"format": FORMAT, "format_version": FORMAT_VERSION, "library_version": __version__,
               "adapters": adapters, "trainable": full, "metadata": dict(metadata or {})}
+    if train is not None:
+        config["train"] = dict(train)
     # the array checksums do not cover the config itself (rank, alpha, variant, layout)
     config[CONFIG_CRC] = config_crc32(config)
     return arrays, config
@@ -201,6 +207,25 @@ def validate(config: Any, where: str) -> dict:
         p = _need(e, "path", str, where, "trainable[].")
         for k, kind in (("key", str), ("shape", list), ("dtype", str)):
             _need(e, k, kind, where, f"trainable['{p}'].")
+    if "train" in config:  # only AdapterCheckpointManager steps have it; configs without it are older
+        train = _need(config, "train", Mapping, where, "")
+        step = _need(train, "step", int, where, "train.")
+        if isinstance(step, bool) or step < 0:
+            raise CheckpointError(f"{where}: config field 'train.step' is {step!r}; it must be an integer >= 0")
+        for e in _need(train, "arrays", list, where, "train."):
+            p = _need(e, "path", str, where, "train.arrays[].")
+            ctx = f"train.arrays['{p}']."
+            shape = _need(e, "shape", list, where, ctx)
+            if not all(isinstance(n, int) and not isinstance(n, bool) and n >= 0 for n in shape):
+                raise CheckpointError(f"{where}: config field '{ctx}shape' is {shape!r}; expected sizes >= 0")
+            try:
+                jnp.dtype(_need(e, "dtype", str, where, ctx))
+            except TypeError:
+                raise CheckpointError(f"{where}: config field '{ctx}dtype' is {e['dtype']!r}, not a dtype this "
+                                      "JAX knows") from None
+            crc = e.get("crc32", False)  # None: the array was not all on the saving host
+            if crc is not None and (not isinstance(crc, int) or isinstance(crc, bool)):
+                raise CheckpointError(f"{where}: config field '{ctx}crc32' is missing or malformed")
     return dict(config)
 
 
@@ -247,6 +272,15 @@ def _base_shardings(base_leaves: list, shardings: Any) -> list:
         raise StructureError(f"shardings has {len(flat)} leaves but the base has {len(base_leaves)}; pass "
                              "one sharding per base leaf (the base's own structure), or a single sharding")
     return [s if s is not None else o for s, o in zip(flat, own)]
+
+
+def _kind(dtype: Any) -> str:
+    """The family of a dtype; NumPy's ``dtype.kind`` calls bfloat16 and float8 'V', not 'f'."""
+    for family, name in ((jnp.bool_, "bool"), (jnp.floating, "float"), (jnp.complexfloating, "complex"),
+                         (jnp.signedinteger, "int"), (jnp.unsignedinteger, "uint")):
+        if jnp.issubdtype(dtype, family):
+            return name
+    return jnp.dtype(dtype).name
 
 
 def plan(config: dict, base: Any, where: str, shardings: Any = None) -> Plan:
@@ -317,7 +351,13 @@ def plan(config: dict, base: Any, where: str, shardings: Any = None) -> Plan:
         if got != saved:
             raise StructureError(f"{where}: trained leaf '{path}' has shape {saved} in the checkpoint, but "
                                  f"the base given here has shape {got} at that path")
-        tg = jax.ShapeDtypeStruct(saved, jnp.dtype(e["dtype"]), sharding=where_sh[i])
+        stored, given = jnp.dtype(e["dtype"]), jnp.dtype(jnp.result_type(leaf))
+        if _kind(stored) != _kind(given):
+            # assemble casts to the base leaf's dtype: float → int would silently truncate the trained values
+            raise StructureError(f"{where}: trained leaf '{path}' was saved as {stored.name}, but the base given "
+                                 f"here holds {jnp.dtype(given).name} at that path; a cast would change its "
+                                 f"values: give a base whose '{path}' is {stored.name}")
+        tg = jax.ShapeDtypeStruct(saved, stored, sharding=where_sh[i])
         entries.append(Entry(i, e["key"], e, tg))
 
     extra = [p for p, x in flat if is_lora(x) and p not in claimed]

@@ -4,6 +4,12 @@ Each step directory holds three Orbax items: ``arrays`` and ``config`` (the same
 adapter checkpoint :func:`save_adapters` writes, so :func:`load_adapters` and
 ``python -m lorax_fn inspect`` read any step) and ``train`` (the optimizer
 state, the step and the PRNG key). The frozen base is never written.
+
+The config's ``train`` section records the step and every array of the
+``train`` item (path, shape, dtype, CRC-32), under the config's own checksum;
+:meth:`AdapterCheckpointManager.restore` checks the restored item against it,
+so a damaged optimizer-state or key file is an error, never wrong moments.
+Steps saved before the section existed restore without that check.
 """
 
 from __future__ import annotations
@@ -62,6 +68,87 @@ def _train_item(step: int, opt_state: Any, rng: Any) -> dict:
         # typed keys are not arrays Orbax can write; their bits are, and the template's impl rewraps them
         item["rng"] = jax.random.key_data(rng) if jax.dtypes.issubdtype(rng.dtype, jax.dtypes.prng_key) else rng
     return item
+
+
+def _others(item: dict) -> dict:
+    """The train item without its step, which the record holds as a number rather than an array."""
+    return {k: v for k, v in item.items() if k != "step"}
+
+
+def _record(item: dict) -> dict:
+    """The ``train`` section of a step's config: the step, and every other array's path, shape, dtype and CRC-32.
+
+    Taken in :meth:`~AdapterCheckpointManager.save` itself, from the values it
+    was given, so a caller that donates or overwrites its buffers right after
+    an async save cannot make the record disagree with what Orbax copied then.
+    """
+    flat, _ = leaves_with_paths(_others(item))
+    return {"step": int(item["step"]), "arrays": [{"path": p, **fmt._array_spec(x)} for p, x in flat]}
+
+
+def _targets(abstract: dict, record: dict | None, where: str) -> dict:
+    """Restore targets: the template's structure, shapes and shardings, in the dtypes the record says were written.
+
+    Reading each array as written lets its checksum be checked before a cast to
+    the template's dtype. A template that does not match the record is refused
+    before anything is read.
+    """
+    if record is None:  # a step from before the record: read as the template says
+        return abstract
+    flat, treedef = leaves_with_paths(_others(abstract))
+    specs = record["arrays"]
+    saved = [(e["path"], tuple(e["shape"])) for e in specs]
+    given = [(p, tuple(np.shape(x))) for p, x in flat]
+    if given != saved:
+        i = next((i for i, (s, g) in enumerate(zip(saved, given)) if s != g), min(len(saved), len(given)))
+        first = [f"'{pairs[i][0]}' {pairs[i][1]}" if i < len(pairs) else "nothing" for pairs in (saved, given)]
+        raise CheckpointError(
+            f"{where}: the templates do not match what the step was saved with (did you pass the opt_state/rng "
+            f"it was saved with, e.g. tx.init(tree) of the same optimizer?): {len(saved)} arrays saved, "
+            f"{len(given)} in the templates; first difference: saved {first[0]}, template {first[1]}")
+    leaves = [jax.ShapeDtypeStruct(x.shape, jnp.dtype(e["dtype"]), sharding=x.sharding)
+              if isinstance(x, jax.ShapeDtypeStruct) else x for (_, x), e in zip(flat, specs)]
+    return {**jax.tree_util.tree_unflatten(treedef, leaves), "step": abstract["step"]}
+
+
+def _check_train(train: dict, record: dict | None, step: int, where: str) -> None:
+    """Compare a restored train item with the step and its record; CheckpointError naming the leaf if not.
+
+    ``where`` is the item's directory. Without a record (a step saved before
+    there was one) only the step number can be checked.
+    """
+    got = int(train["step"])
+    recorded = "" if record is None else f" and the step's config records step {record['step']}"
+    if got != step or (record is not None and record["step"] != step):
+        raise CheckpointError(
+            f"{where}: the train item holds step {got}{recorded}, but this is the directory of step {step}: "
+            "parts of another step were copied in. Restore another step (restore(..., step=k))")
+    if record is None:
+        return
+    flat, _ = leaves_with_paths(_others(train))
+    paths, specs = [p for p, _ in flat], record["arrays"]
+    if paths != [e["path"] for e in specs]:
+        raise CheckpointError(f"{where}: read arrays {paths[:4]} but the step's config records "
+                              f"{[e['path'] for e in specs][:4]}; the train item is damaged or mixed up")
+    for (path, x), spec in zip(flat, specs):
+        have = fmt._array_spec(x)
+        if (have["shape"], have["dtype"]) != (spec["shape"], spec["dtype"]):
+            raise CheckpointError(f"{where}: '{path}' was read as {have['dtype']}{tuple(have['shape'])}, the "
+                                  f"step's config records {spec['dtype']}{tuple(spec['shape'])}")
+        if None not in (have["crc32"], spec["crc32"]) and have["crc32"] != spec["crc32"]:
+            raise CheckpointError(
+                f"{where}: '{path}' fails its checksum (crc32 {have['crc32']:#010x}, recorded "
+                f"{spec['crc32']:#010x}): a data file of the train item is damaged. Restore another step "
+                "(restore(..., step=k))")
+
+
+def _cast(train: dict, abstract: dict) -> dict:
+    """The restored arrays in the template's dtypes (they were read as written, to check them)."""
+    def cast(x, t):
+        dt = getattr(t, "dtype", None)
+        return x.astype(dt) if dt is not None and hasattr(x, "astype") and x.dtype != dt else x
+
+    return {**jax.tree.map(cast, _others(train), _others(abstract)), "step": train["step"]}
 
 
 def _lost_trained_leaves(tree: Any, config: dict, opt_state: Any) -> list[str]:
@@ -184,6 +271,17 @@ class AdapterCheckpointManager:
     def __exit__(self, *exc) -> None:
         self.close()
 
+    def _check_step_names(self) -> None:
+        """Refuse links and files under step names: Orbax would write through or delete them (raw OSError)."""
+        if not self.directory.is_dir():
+            return
+        for entry in os.scandir(self.directory):
+            step = entry.name.split(".", 1)[0]
+            if step.isdigit() and (entry.is_symlink() or not entry.is_dir(follow_symlinks=False)):
+                raise CheckpointError(f"'{entry.path}' is {'a symbolic link' if entry.is_symlink() else 'a file'} "
+                                      "under a step's name in the checkpoint directory; lorax_fn never saves "
+                                      "through links or over files: move it away")
+
     # -- save / restore ----------------------------------------------------
     def save(self, step: int, tree: Any, opt_state: Any = None, rng: Any = None, *,
              force: bool = False) -> bool:
@@ -196,6 +294,10 @@ class AdapterCheckpointManager:
           rng: a PRNG key (typed or raw ``uint32``) to resume the random stream.
           force: write even when ``step`` is off the save interval.
 
+        The CRC-32 of every array is taken here, from the values given, and
+        stored in the step's config; with ``async_save`` Orbax copies the
+        arrays off the device here too, so donating them afterwards is safe.
+
         Returns:
           Whether a save was started (False off the interval).
 
@@ -207,6 +309,7 @@ class AdapterCheckpointManager:
             (a manager made without the ``trainable=`` of :func:`optimizer`).
           StructureError: ``tree`` holds no adapters and no ``trainable`` leaves.
         """
+        self._check_step_names()
         latest = self._mgr.latest_step()
         if latest is not None and int(step) <= latest:
             raise CheckpointError(
@@ -216,7 +319,8 @@ class AdapterCheckpointManager:
                 "a new directory")
         if not force and not self._mgr.should_save(step):
             return False
-        arrays, config = fmt.describe(tree, self._trainable, self._metadata)
+        item = _train_item(step, opt_state, rng)
+        arrays, config = fmt.describe(tree, self._trainable, self._metadata, _record(item))
         lost = _lost_trained_leaves(tree, config, opt_state)
         if lost:
             raise CheckpointError(
@@ -224,7 +328,7 @@ class AdapterCheckpointManager:
                 "adapters and are not stored: their trained values would be lost. Pass "
                 "AdapterCheckpointManager(..., trainable=...) the same trainable= you gave lf.optimizer")
         args = ocp.args.Composite(**{ARRAYS: ocp.args.StandardSave(arrays), CONFIG: ocp.args.JsonSave(config),
-                                     TRAIN: ocp.args.StandardSave(_train_item(step, opt_state, rng))})
+                                     TRAIN: ocp.args.StandardSave(item)})
         try:
             return bool(self._mgr.save(step, args=args, force=force))
         except _STEP_EXISTS as err:
@@ -248,7 +352,10 @@ class AdapterCheckpointManager:
           ``Restored(tree, opt_state, step, rng)``.
 
         Raises:
-          CheckpointError: no committed step, a damaged step, or templates that
+          CheckpointError: no committed step, a damaged step (a file that fails
+            to decode, an adapter, optimizer-state or key array that fails its
+            checksum, a train item holding another step: the message names the
+            step's ``train`` directory and the array's path), or templates that
             do not match what was saved.
           StructureError: ``tree`` does not fit the saved adapters (path, shape, rank).
         """
@@ -263,15 +370,23 @@ class AdapterCheckpointManager:
             raise CheckpointError(f"cannot read checkpoint step {step} in '{self.directory}': {err}") from err
         p = fmt.plan(fmt.validate(config, where), tree, where)
         fmt.check_stored(p, stored)
-        template = _train_item(step, opt_state, rng)
+        abstract = _abstract(_train_item(step, opt_state, rng))
+        record = config.get(TRAIN)  # the config's record of the train item; steps saved before it have none
+        where_train = str(self.step_directory(step) / TRAIN)
+        targets = _targets(abstract, record, where_train)
         try:
             got = self._mgr.restore(step, args=ocp.args.Composite(**{
                 ARRAYS: ocp.args.StandardRestore(p.targets()),
-                TRAIN: ocp.args.StandardRestore(_abstract(template))}))
+                TRAIN: ocp.args.StandardRestore(targets)}))
         except Exception as err:
-            raise CheckpointError(f"cannot restore step {step} from '{self.directory}' onto the given "
-                                  f"templates (did you pass the opt_state/rng it was saved with?): {err}") from err
-        train = got[TRAIN]
+            # with a record the templates were checked above, so a failed read is a file that fails to decode
+            # (e.g. a flipped bit in a compressed chunk); TensorStore calls some of those DATA_LOSS
+            why = ("a file of the step is damaged or unreadable; restore another step (restore(..., step=k))"
+                   if record is not None or "DATA_LOSS" in str(err) else
+                   "it does not fit the given templates (did you pass the opt_state/rng it was saved with?)")
+            raise CheckpointError(f"cannot restore step {step} from '{self.directory}': {why}: {err}") from err
+        _check_train(got[TRAIN], record, step, where_train)
+        train = _cast(got[TRAIN], abstract)
         key = train.get("rng")
         if key is not None and rng is not None and jax.dtypes.issubdtype(rng.dtype, jax.dtypes.prng_key):
             key = jax.random.wrap_key_data(key, impl=jax.random.key_impl(rng))

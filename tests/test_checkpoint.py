@@ -504,3 +504,138 @@ def test_restores_straight_onto_shardings_on_8_host_devices(tmp_path):
     res = subprocess.run([sys.executable, "-c", SHARDED, str(tmp_path / "ad")], env=env, capture_output=True,
                          text=True, timeout=300)
     assert "SHARDED-RESTORE-OK" in res.stdout, res.stderr[-3000:]
+
+
+# ------------------------------------------------------------------ destinations: never write through links,
+# never replace what this library did not write, never hang
+SMALL = {"w": jnp.arange(12.0).reshape(4, 3), "bias": jnp.zeros(3)}
+
+
+def _savers():
+    lp = trained(lf.lorafy(SMALL, rank=2))
+    return {"adapters": lambda d, **kw: lf.save_adapters(d, lp, **kw),
+            "merged": lambda d, **kw: lf.save_merged(d, lp, **kw)}
+
+
+def _user_folder(root: Path) -> Path:
+    (root / "data").mkdir(parents=True)
+    (root / "train.py").write_text("print('train')\n")
+    (root / "data" / "rows.csv").write_text("1,2\n")
+    return root
+
+
+def _user_files(root: Path) -> dict:
+    return {str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
+
+
+@pytest.mark.parametrize("kind", ["adapters", "merged"])
+def test_overwrite_never_removes_a_folder_of_user_files(tmp_path, kind, monkeypatch):
+    project = _user_folder(tmp_path / "project")
+    before = _user_files(project)
+    monkeypatch.chdir(project)
+    with pytest.raises(CheckpointError, match="not a checkpoint written by lorax_fn.*left untouched"):
+        _savers()[kind](".", overwrite=True)  # what a new user typed in a project folder
+    assert _user_files(project) == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["project"]
+
+
+@pytest.mark.parametrize("kind", ["adapters", "merged"])
+def test_overwrite_never_replaces_a_plain_file(tmp_path, kind):
+    target = tmp_path / "notes.txt"
+    target.write_text("mine")
+    with pytest.raises(CheckpointError, match="is a file, not a checkpoint directory"):
+        _savers()[kind](target, overwrite=True)
+    assert target.read_text() == "mine" and sorted(p.name for p in tmp_path.iterdir()) == ["notes.txt"]
+
+
+@pytest.mark.parametrize("kind", ["adapters", "merged"])
+def test_overwrite_never_replaces_another_programs_orbax_checkpoint(tmp_path, kind):
+    with ocp.StandardCheckpointer() as ck:  # e.g. the user's base params
+        ck.save(tmp_path / "base", SMALL)
+    with pytest.raises(CheckpointError, match="not a checkpoint written by lorax_fn"):
+        _savers()[kind](tmp_path / "base", overwrite=True)
+    with ocp.StandardCheckpointer() as ck:
+        chex.assert_trees_all_equal(ck.restore(tmp_path / "base"), SMALL)
+
+
+@pytest.mark.parametrize("kind", ["adapters", "merged"])
+def test_overwrite_replaces_what_this_library_wrote(tmp_path, kind):
+    save = _savers()[kind]
+    save(tmp_path / "ck")
+    assert lf.checkpoint.written_by_lorax(tmp_path / "ck")
+    save(tmp_path / "ck", overwrite=True)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ck"]
+
+
+@pytest.mark.parametrize("kind", ["adapters", "merged"])
+@pytest.mark.parametrize("name", ["ck", "ck.lorax-new", "ck.lorax-old", "ck.orbax-checkpoint-tmp",
+                                  "ck.lorax-new.orbax-checkpoint-tmp"])
+@pytest.mark.parametrize("overwrite", [False, True])
+def test_no_save_writes_through_a_planted_symlink(tmp_path, kind, name, overwrite):
+    outside = _user_folder(tmp_path / "outside")
+    before = _user_files(outside)
+    work = tmp_path / "work"
+    work.mkdir()
+    save = _savers()[kind]
+    if overwrite and name != "ck":
+        save(work / "ck")  # a checkpoint of ours to replace, with the link next to it
+    (work / name).symlink_to(outside, target_is_directory=True)
+    with pytest.raises(CheckpointError, match="symbolic link"):
+        save(work / "ck", overwrite=overwrite)
+    assert _user_files(outside) == before
+    assert (work / name).is_symlink()
+
+
+def test_symlinked_checkpoint_directory_is_refused_before_the_swap(tmp_path):
+    real = lf.save_adapters(tmp_path / "real", trained(lf.lorafy(SMALL, rank=2)))
+    (tmp_path / "link").symlink_to(real, target_is_directory=True)
+    with pytest.raises(CheckpointError, match="symbolic link"):  # today: a raw OSError after the swap
+        lf.save_adapters(tmp_path / "link", trained(lf.lorafy(SMALL, rank=2)), overwrite=True)
+    assert (tmp_path / "link").is_symlink() and lf.checkpoint.written_by_lorax(real)
+
+
+@pytest.mark.parametrize("kind", ["adapters", "merged"])
+def test_saving_under_a_regular_file_is_an_error_and_the_process_exits(tmp_path, kind):
+    (tmp_path / "a_file").write_text("x")
+    code = textwrap.dedent(f"""
+        import jax.numpy as jnp, lorax_fn as lf
+        lp = lf.lorafy({{"w": jnp.ones((4, 3))}}, rank=2)
+        save = lf.save_adapters if {kind!r} == "adapters" else lf.save_merged
+        try:
+            save({str(tmp_path / "a_file" / "x")!r}, lp)
+        except lf.CheckpointError as err:
+            print("refused:", err)
+    """)
+    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert res.returncode == 0, res.stderr[-2000:]
+    assert "refused: cannot write" in res.stdout and "is a file, not a directory" in res.stdout
+
+
+def test_a_trained_float_leaf_is_not_truncated_onto_an_integer_base(tmp_path):
+    lp = lf.lorafy({"w": jnp.ones((4, 3)), "bias": jnp.asarray([0.37, -1.9, 2.6])}, rank=2)
+    path = lf.save_adapters(tmp_path / "ad", lp, trainable="bias")
+    wrong = {"w": jnp.ones((4, 3)), "bias": jnp.zeros(3, jnp.int32)}
+    with pytest.raises(lf.StructureError, match="'bias' was saved as float32.*int32"):
+        lf.load_adapters(path, wrong)
+    # a float of another width is a cast the user asked for by the base they give
+    got = lf.load_adapters(path, {"w": jnp.ones((4, 3)), "bias": jnp.zeros(3, jnp.bfloat16)})["bias"]
+    np.testing.assert_array_equal(got, jnp.asarray([0.37, -1.9, 2.6]).astype(jnp.bfloat16))
+
+
+@pytest.mark.parametrize("kind", ["adapters", "merged"])
+def test_a_save_that_fails_inside_orbax_still_lets_the_process_exit(tmp_path, kind):
+    # the destination check is switched off, so Orbax itself hits the file; its failure must not leave
+    # background threads that keep the interpreter alive (today's save_merged never exited)
+    (tmp_path / "a_file").write_text("x")
+    code = textwrap.dedent(f"""
+        import jax.numpy as jnp, lorax_fn as lf, lorax_fn.checkpoint as ck
+        ck.check_destination = lambda *a, **k: None
+        lp = lf.lorafy({{"w": jnp.ones((4, 3))}}, rank=2)
+        save = lf.save_adapters if {kind!r} == "adapters" else lf.save_merged
+        try:
+            save({str(tmp_path / "a_file" / "x")!r}, lp)
+        except OSError as err:
+            print("failed:", type(err).__name__)
+    """)
+    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert res.returncode == 0 and "failed: NotADirectoryError" in res.stdout, res.stderr[-2000:]

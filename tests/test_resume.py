@@ -1,11 +1,15 @@
 """AdapterCheckpointManager and the resumable example: a run killed mid-save resumes to the same losses."""
 
 import importlib.util
+import json
 import os
+import re
+import shutil
 import signal
 import subprocess
 import sys
 import threading
+import zlib
 from pathlib import Path
 
 import chex
@@ -16,6 +20,7 @@ import optax
 import pytest
 
 import lorax_fn as lf
+from lorax_fn import ckpt_format as fmt
 from lorax_fn.errors import CheckpointError
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -25,18 +30,18 @@ TINY = ["--width", "32", "--d-in", "8", "--batch", "16", "--classes", "5", "--ra
 
 
 # ------------------------------------------------------------------ the manager in-process
-def _setup():
+def _setup(d_in=6, width=8, rank=2):
     rng = np.random.default_rng(0)
-    params = {"l1": {"kernel": jnp.asarray(rng.standard_normal((6, 8)), jnp.float32),
-                     "bias": jnp.zeros(8)},
-              "l2": {"kernel": jnp.asarray(rng.standard_normal((8, 3)), jnp.float32)}}
-    lp = lf.lorafy(params, rank=2)
+    params = {"l1": {"kernel": jnp.asarray(rng.standard_normal((d_in, width)), jnp.float32),
+                     "bias": jnp.zeros(width)},
+              "l2": {"kernel": jnp.asarray(rng.standard_normal((width, 3)), jnp.float32)}}
+    lp = lf.lorafy(params, rank=rank)
     tx = lf.optimizer(optax.adam(1e-2), lp, trainable=".*bias")
 
     @jax.jit
     def step(lp, opt_state, rng, i):
         rng, sub = jax.random.split(rng)
-        x = jax.random.normal(jax.random.fold_in(jax.random.key(1), i), (4, 6))
+        x = jax.random.normal(jax.random.fold_in(jax.random.key(1), i), (4, d_in))
         x = x + 0.1 * jax.random.normal(sub, x.shape)
 
         def loss(lp):
@@ -123,6 +128,170 @@ def test_save_after_rolling_back_is_an_error_not_a_skip(tmp_path):
         assert float(ckpt.restore(lp, step=4).tree["w"].b[0, 0]) == 0.0  # step 4 was not touched
         assert not ckpt.save(7, branch) and ckpt.save(8, branch)        # after the latest: as before
         assert float(ckpt.restore(lp).tree["w"].b[0, 0]) == 7.0
+
+
+# ------------------------------------------------------------------ integrity of the train item (issue 17)
+# OCDBT's b-tree and version nodes start with this magic and carry their own CRC-32C; the other files of a
+# `d/` folder hold array payloads (values over about 1 KiB; smaller ones are inlined in the nodes)
+OCDBT_NODE = bytes.fromhex("0cdb20de")
+
+
+def _trained(steps=2, **size):
+    """The params, a LoRA tree and a real Adam state after ``steps`` updates, the optimizer and the next key."""
+    params, lp, tx, step = _setup(**size)
+    s, r = tx.init(lp), jax.random.key(3)
+    for i in range(steps):
+        lp, s, r, _ = step(lp, s, r, i)
+    return params, lp, tx, s, r
+
+
+def _host(tree, opt_state, rng, step):
+    return jax.tree.map(np.asarray, (tree, opt_state, jax.random.key_data(rng), step))
+
+
+def _same(a, b):
+    (fa, ta), (fb, tb) = jax.tree.flatten(a), jax.tree.flatten(b)
+    return ta == tb and all(x.dtype == y.dtype and np.array_equal(x, y) for x, y in zip(fa, fb))
+
+
+def _restore(directory, params, tx, lp, template=None, step=None):
+    with lf.AdapterCheckpointManager(directory, async_save=False, trainable=".*bias") as ckpt:
+        got = ckpt.restore(lf.lorafy(params, rank=lp["l1"]["kernel"].rank),
+                           tx.init(lp) if template is None else template, jax.random.key(0), step=step)
+    return _host(got.tree, got.opt_state, got.rng, got.step)
+
+
+def _spread(files, n):
+    """``n`` (file, offset) pairs: the middles of n equal slices of the files' bytes laid end to end."""
+    sizes = [f.stat().st_size for f in files]
+    out = []
+    for k in range(n):
+        at, i = (2 * k + 1) * sum(sizes) // (2 * n), 0
+        while at >= sizes[i]:
+            at, i = at - sizes[i], i + 1
+        out.append((files[i], at))
+    return out
+
+
+# a file that fails to decode leaves Orbax coroutines behind that pytest reports when they are collected
+@pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")
+def test_bit_flips_in_the_train_item_are_refused_or_harmless(tmp_path):
+    """A flipped bit in the optimizer state restored wrong Adam moments with no error (issue 17: 12 of 12)."""
+    params, lp, tx, s, r = _trained(d_in=256, width=256)  # 2 KiB factors and moments: stored out of line
+    want = _host(lp, s, r, 2)
+    orig = tmp_path / "orig"
+    with lf.AdapterCheckpointManager(orig, async_save=True, trainable=".*bias") as ckpt:
+        ckpt.save(2, lp, s, r)
+    files = sorted(p for p in (orig / "2" / "train").rglob("*") if p.is_file() and p.parent.name == "d")
+    data = [p for p in files if p.read_bytes()[:4] != OCDBT_NODE]
+    nodes = [p for p in files if p not in data]
+    assert data and nodes, f"Orbax/TensorStore changed how they lay out the train item: {files}"
+    silent, ours = [], []
+    # 12 flips in the payloads (the moments), 4 in the nodes (which hold the small step, count and key)
+    for k, (file, pos) in enumerate(_spread(data, 12) + _spread(nodes, 4)):
+        run = tmp_path / f"flip{k}"
+        shutil.copytree(orig, run)
+        target = run / file.relative_to(orig)
+        damaged = bytearray(target.read_bytes())
+        damaged[pos] ^= 1 << (k % 8)
+        target.write_bytes(bytes(damaged))
+        try:
+            got = _restore(run, params, tx, lp)
+        except CheckpointError as err:
+            msg = str(err)  # names the item's directory, or TensorStore's message names the file in it
+            assert str(run / "2" / "train") in msg, msg[:500]
+            if "fails its checksum" in msg:
+                assert f"{run / '2' / 'train'}: 'opt_state/" in msg, msg
+                ours.append(k)
+            continue
+        if not _same(got, want):
+            silent.append((file.relative_to(orig).as_posix(), pos))
+    assert not silent, f"flipped bits restored different values with no error: {silent}"
+    assert ours, "no flip reached the checksums of the optimizer state"
+
+
+def test_a_train_item_from_another_step_or_run_is_refused(tmp_path):
+    """Intact files in the wrong place: another step's, or the same step of another run (other key, other moments)."""
+    params, lp, tx, s, r = _trained()
+    _, _, _, s4, r4 = _trained(steps=4)
+    runs = {"a": [(2, s, r), (4, s4, r4)], "key": [(2, s, jax.random.key(4))], "moments": [(2, s4, r)]}
+    for name, saves in runs.items():
+        with lf.AdapterCheckpointManager(tmp_path / name, async_save=False, trainable=".*bias") as ckpt:
+            for step, state, key in saves:
+                ckpt.save(step, lp, state, key)
+    assert _same(_restore(tmp_path / "a", params, tx, lp, step=2), _host(lp, s, r, 2))
+    for src, why in (("a/4", "the train item holds step 4 and the step's config records step 2, but this is the "
+                             "directory of step 2"),
+                     ("key/2", "'rng' fails its checksum"),
+                     ("moments/2", "'opt_state/inner_states/train/inner_state/0/count' fails its checksum")):
+        run = tmp_path / ("mixed-" + src.replace("/", "-"))
+        shutil.copytree(tmp_path / "a", run)
+        shutil.rmtree(run / "2" / "train")
+        shutil.copytree(tmp_path / src / "train", run / "2" / "train")
+        with pytest.raises(CheckpointError, match=re.escape(f"{run / '2' / 'train'}: {why}")):
+            _restore(run, params, tx, lp, step=2)
+
+
+def test_async_save_records_the_given_values_even_if_their_buffers_are_donated(tmp_path):
+    params, lp, tx, s, r = _trained()
+    want = _host(lp, s, r, 2)
+    overwrite = jax.jit(lambda t: jax.tree.map(lambda x: jnp.full_like(x, 7), t), donate_argnums=0)
+    with lf.AdapterCheckpointManager(tmp_path, async_save=True, trainable=".*bias") as ckpt:
+        ckpt.save(2, lp, s, r)
+        lp, s, _ = overwrite((lp, s, jax.random.key_data(r)))  # reuses the saved buffers where it can
+        ckpt.wait_until_finished()
+    record = lf.read_adapter_config(tmp_path / "2")["train"]
+    flat = jax.tree_util.tree_flatten_with_path({"opt_state": want[1], "rng": want[2]})[0]
+    assert record["step"] == 2 and len(record["arrays"]) == len(flat)
+    assert [(e["shape"], e["dtype"], e["crc32"]) for e in record["arrays"]] == [
+        (list(x.shape), x.dtype.name, zlib.crc32(np.ascontiguousarray(x).tobytes())) for _, x in flat]
+    paths = [e["path"] for e in record["arrays"]]
+    assert "opt_state/inner_states/train/inner_state/0/mu/l1/kernel/a" in paths and paths[-1] == "rng"
+    assert _same(_restore(tmp_path, params, tx, lp), want)
+
+
+def test_steps_saved_without_a_train_record_still_restore(tmp_path):
+    params, lp, tx, s, r = _trained()
+    with lf.AdapterCheckpointManager(tmp_path, async_save=False, trainable=".*bias") as ckpt:
+        ckpt.save(2, lp, s, r)
+    path = tmp_path / "2" / "config" / "metadata"
+    config = json.loads(path.read_text())
+    del config["train"]  # what a step saved before the record looks like
+    config[fmt.CONFIG_CRC] = fmt.config_crc32(config)
+    path.write_text(json.dumps(config))
+    assert _same(_restore(tmp_path, params, tx, lp), _host(lp, s, r, 2))
+
+
+def test_restore_onto_templates_of_other_dtypes_checks_then_casts(tmp_path):
+    """The checksums are of the saved dtypes: the arrays are read as saved, checked, then cast like the template."""
+    params, lp, tx, s, r = _trained()
+    with lf.AdapterCheckpointManager(tmp_path, async_save=False, trainable=".*bias") as ckpt:
+        ckpt.save(2, lp, s, r)
+
+    def half(tree):
+        return jax.tree.map(lambda x: x.astype(jnp.bfloat16) if x.dtype == jnp.float32 else x, tree)
+
+    got = _restore(tmp_path, params, tx, lp, template=half(tx.init(lp)))
+    assert _same(got[1], jax.tree.map(np.asarray, half(s)))
+
+
+@pytest.mark.parametrize("field, value, why", [
+    ("step", -1, "'train.step' is -1"),
+    ("step", "2", "'train.step' is missing or malformed"),
+    ("arrays", {"rng": {}}, "'train.arrays' is missing or malformed"),
+    ("shape", [2.5], "'train.arrays['rng'].shape' is [2.5]"),
+    ("dtype", "float33", "'train.arrays['rng'].dtype' is 'float33'"),
+    ("crc32", "0x1", "'train.arrays['rng'].crc32' is missing or malformed"),
+])
+def test_a_malformed_train_record_is_refused(field, value, why):
+    _, config = fmt.describe(lf.lorafy({"w": jnp.ones((4, 3))}, rank=1),
+                             train={"step": 2, "arrays": [{"path": "rng", "shape": [2], "dtype": "uint32",
+                                                           "crc32": 5}]})
+    assert fmt.validate(config, "ckpt")["train"]["step"] == 2
+    (config["train"] if field in ("step", "arrays") else config["train"]["arrays"][0])[field] = value
+    config[fmt.CONFIG_CRC] = fmt.config_crc32(config)  # a consistent config, written by a faulty writer
+    with pytest.raises(CheckpointError, match=re.escape(f"ckpt: config field {why}")):
+        fmt.validate(config, "ckpt")
 
 
 # ------------------------------------------------------------------ the example
@@ -224,3 +393,18 @@ def test_killed_during_a_save_resumes_bit_identically(tmp_path):
     assert {int(k): v for k, v in resumed_part.items()} == {k: ref[k] for k in range(21, 41)}
     # what the killed run computed past step 20 agrees too: same data, same key stream
     assert all(before[k] == ref[k] for k in before)
+
+
+@pytest.mark.parametrize("name", ["2", "2.orbax-checkpoint-tmp", "1"])
+def test_save_refuses_a_link_under_a_step_name(tmp_path, name):
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    (outside / "keep.txt").write_text("mine")
+    lp = lf.lorafy({"w": jnp.ones((4, 3))}, rank=2)
+    with lf.AdapterCheckpointManager(tmp_path / "run", async_save=False, max_to_keep=1) as ckpt:
+        if name != "1":
+            ckpt.save(1, lp)
+        (tmp_path / "run" / name).symlink_to(outside, target_is_directory=True)
+        with pytest.raises(lf.CheckpointError, match="symbolic link"):  # today: a raw OSError from rmtree
+            ckpt.save(2, lp)
+    assert [p.name for p in outside.iterdir()] == ["keep.txt"] and (tmp_path / "run" / name).is_symlink()

@@ -118,17 +118,16 @@ def _inspect_peft(path: Path, as_json: bool) -> int:
     from safetensors import safe_open
 
     from .errors import CheckpointError
-    from .peft import CONFIG_FILE, WEIGHTS_FILE
-    try:
-        cfg = json.loads((path / CONFIG_FILE).read_text())
-    except (ValueError, OSError) as err:
-        raise CheckpointError(f"cannot read '{path / CONFIG_FILE}': {err}") from err
+    from .peft import CONFIG_FILE, WEIGHTS_FILE, _read_json, _regular_file
+    # the loader's reader: bounded size and nesting, no links but the Hugging Face cache's own
+    cfg = _read_json(_regular_file(path / CONFIG_FILE, path, CONFIG_FILE))
     if not isinstance(cfg, dict):
         raise CheckpointError(f"'{path / CONFIG_FILE}' is not a JSON object")
     shapes = {}
     if (path / WEIGHTS_FILE).is_file():
+        weights = _regular_file(path / WEIGHTS_FILE, path, WEIGHTS_FILE)
         try:
-            with safe_open(str(path / WEIGHTS_FILE), "np") as f:
+            with safe_open(str(weights), "np") as f:
                 shapes = {k: (list(f.get_slice(k).get_shape()), f.get_slice(k).get_dtype()) for k in f.keys()}
         except Exception as err:  # safetensors raises its own error types for damaged headers and short files
             raise CheckpointError(f"cannot read '{path / WEIGHTS_FILE}': {err}") from err

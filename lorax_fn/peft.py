@@ -21,10 +21,13 @@ Torch module names are not Flax paths, so the caller supplies the mapping
 from __future__ import annotations
 
 import collections
+import errno
 import json
 import math
 import os
 import re
+import secrets
+import stat
 import string
 import zlib
 from pathlib import Path
@@ -38,6 +41,7 @@ from .errors import CheckpointError
 from .errors import LayoutError, StructureError
 from .lorafy import LayoutSpec, _user_layout
 from .paths import leaves_with_paths
+from .peft_patterns import _Budget, _compile_key, _PatternTable, _suffixes
 from .weight import Layout, LoraWeight, factor_shapes, is_lora
 
 CONFIG_FILE = "adapter_config.json"
@@ -202,7 +206,9 @@ def save_peft(directory: str | os.PathLike, tree: Any, name_map: NameMap = None,
     (use :func:`save_adapters` for those).
 
     Args:
-      directory: the output directory (created; existing files of these names are replaced).
+      directory: the output directory (created; existing files of these names are replaced, other
+        files are left alone). It may be a symbolic link to a directory, but a link at
+        ``adapter_config.json`` or ``adapter_model.safetensors`` inside is refused, never written through.
       tree: the LoRA tree.
       name_map: parameter path → torch module name: ``None`` (:func:`module_name`),
         a ``{path_regex: template}`` dict (see :func:`rename`), or a function
@@ -215,6 +221,8 @@ def save_peft(directory: str | os.PathLike, tree: Any, name_map: NameMap = None,
       The directory's absolute path.
 
     Raises:
+      CheckpointError: the directory cannot be created or written, or one of the two file names in it is
+        a symbolic link or not a regular file (nothing is written then; a failed write leaves no temporaries).
       StructureError: a LoRA weight has no module name, two map to the same
         module, a stacked weight's template has the wrong number of ``{}``, or
         the tree mixes plain and rsLoRA scales (PEFT has one ``use_rslora``).
@@ -230,7 +238,7 @@ def save_peft(directory: str | os.PathLike, tree: Any, name_map: NameMap = None,
         >>> cfg["peft_type"], cfg["r"], cfg["lora_alpha"], cfg["target_modules"]
         ('LORA', 2, 4, ['fc'])
     """
-    from safetensors.numpy import save_file
+    from safetensors.numpy import save
 
     flat, _ = leaves_with_paths(tree, is_leaf=is_lora)
     tensors, owners, record = {}, {}, []
@@ -280,26 +288,85 @@ def save_peft(directory: str | os.PathLike, tree: Any, name_map: NameMap = None,
         "use_dora": False,
     }
     out = Path(directory).expanduser().absolute()
-    out.mkdir(parents=True, exist_ok=True)
-    # Write under temporary names, fsync, then rename, so a crash never leaves a half-written file under the
-    # real name. The two renames are not one atomic step: the weights' header records a checksum of the
-    # config they were written with, so load_peft refuses new weights next to an old config (or the reverse).
-    # The directory itself is not swapped, because adapter directories often hold other files (README,
-    # tokenizer) that must survive a re-save.
-    tmp_w, tmp_c = out / (WEIGHTS_FILE + ".tmp"), out / (CONFIG_FILE + ".tmp")
-    save_file(tensors, str(tmp_w), metadata={"format": "pt", "lorax_fn": json.dumps(record),
-                                             CONFIG_CRC_KEY: str(_config_crc(config))})
-    tmp_c.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
-    for f in (tmp_w, tmp_c):
-        _fsync(f)
-    os.replace(tmp_w, out / WEIGHTS_FILE)
-    os.replace(tmp_c, out / CONFIG_FILE)
-    _fsync(out)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        raise CheckpointError(f"cannot create the directory '{out}': {err}") from err
+    # A directory the user named may itself be a link (a scratch disk mounted elsewhere), but a link at one of
+    # the file names inside would make the save write wherever it points: refuse before writing anything.
+    for name in (WEIGHTS_FILE, CONFIG_FILE):
+        _check_final_name(out / name)
+    weights = save(tensors, metadata={"format": "pt", "lorax_fn": json.dumps(record),
+                                      CONFIG_CRC_KEY: str(_config_crc(config))})
+    text = (json.dumps(config, indent=2, sort_keys=True) + "\n").encode()
+    # Write under fresh temporary names (created exclusively, so a planted file or link there is never
+    # followed), fsync, then rename, so a crash never leaves a half-written file under the real name. The two
+    # renames are not one atomic step: the weights' header records a checksum of the config they were
+    # written with, so load_peft refuses new weights next to an old config (or the reverse). The directory
+    # itself is not swapped, because adapter directories often hold other files (README, tokenizer) that
+    # must survive a re-save.
+    pending: list[Path] = []
+    try:
+        tmp_w = _write_exclusive(out, WEIGHTS_FILE, weights, pending)
+        tmp_c = _write_exclusive(out, CONFIG_FILE, text, pending)
+        os.replace(tmp_w, out / WEIGHTS_FILE)
+        pending.remove(tmp_w)
+        os.replace(tmp_c, out / CONFIG_FILE)
+        pending.remove(tmp_c)
+    except OSError as err:
+        raise CheckpointError(f"cannot write the PEFT adapter in '{out}': {err}") from err
+    finally:
+        for tmp in pending:  # also on KeyboardInterrupt: no stray temporaries
+            try:
+                os.unlink(tmp)
+            except OSError:
+                pass
+    _fsync_dir(out)
     return out
 
 
-def _fsync(path: Path) -> None:
-    """Flush a file (or a directory's entries) to disk; a no-op where the OS cannot open directories."""
+def _check_final_name(path: Path) -> None:
+    """Refuse a final file name that is a symbolic link or not a regular file (``os.replace`` would drop it)."""
+    try:
+        st = os.lstat(path)
+    except FileNotFoundError:
+        return
+    except OSError as err:
+        raise CheckpointError(f"cannot check '{path}': {err}") from err
+    if stat.S_ISLNK(st.st_mode):
+        raise CheckpointError(f"'{path}' is a symbolic link; save_peft never writes through links. Remove it "
+                              "(the file it points to is left alone) or save to another directory")
+    if not stat.S_ISREG(st.st_mode):
+        raise CheckpointError(f"'{path}' exists and is not a regular file; remove it or save to another directory")
+
+
+_EXCLUSIVE = (os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_CLOEXEC", 0)
+              | getattr(os, "O_BINARY", 0))
+
+
+def _write_exclusive(directory: Path, final: str, data: bytes, pending: list[Path]) -> Path:
+    """Write ``data`` to a new, uniquely named hidden file in ``directory``, fsynced; returns its path.
+
+    ``O_EXCL`` (with ``O_NOFOLLOW``) means the file is always one this call created, never an existing file
+    or link; the path is added to ``pending`` as soon as it exists so the caller can remove it on failure.
+    """
+    for _ in range(100):
+        tmp = directory / f".{final}.{secrets.token_hex(8)}.tmp"
+        try:
+            fd = os.open(tmp, _EXCLUSIVE, 0o666)  # 0o666 less the umask, like any file the user writes
+        except FileExistsError:
+            continue
+        pending.append(tmp)
+        with open(fd, "wb") as fh:
+            fh.write(data)
+            fh.flush()
+            os.fsync(fh.fileno())
+        return tmp
+    raise CheckpointError(f"could not create a temporary file in '{directory}' (100 names taken)")
+
+
+def _fsync_dir(path: Path) -> None:
+    """Flush a directory's entries to disk; a no-op where the OS cannot open directories."""
     try:
         fd = os.open(path, os.O_RDONLY)
     except OSError:
@@ -319,71 +386,196 @@ def _config_crc(config: Mapping) -> int:
 
 
 # ----------------------------------------------------------------- load
-def _read(directory: Path) -> tuple[dict, dict, dict]:
+_MAX_CONFIG_BYTES = 4 << 20  # real configs are a few KiB; the bound keeps a hostile one from being parsed
+_MAX_RANK = 1 << 20
+_FLOAT_DTYPES = ("F16", "BF16", "F32", "F64")
+
+
+def _rank_value(value: Any, what: str, where: str) -> int:
+    if type(value) is not int or not 1 <= value <= _MAX_RANK:
+        raise CheckpointError(f"'{where}': {what} is {value!r}; a rank must be a whole number from 1 to "
+                              f"{_MAX_RANK}")
+    return value
+
+
+def _alpha_value(value: Any, what: str, where: str) -> float:
+    try:
+        ok = not isinstance(value, bool) and isinstance(value, (int, float)) and 0 < float(value) < math.inf
+    except OverflowError:
+        ok = False
+    if not ok:
+        raise CheckpointError(f"'{where}': {what} is {value!r}; an alpha must be a finite number above 0")
+    return float(value)
+
+
+def _regular_file(path: Path, directory: Path, what: str) -> Path:
+    """The file to read for ``path``: itself when it is a regular file; CheckpointError when it is missing, not a
+    regular file, or a symbolic link (it could point anywhere).
+
+    The one link followed is the Hugging Face cache's own layout, ``<repo>/snapshots/<rev>/<file>`` →
+    ``<repo>/blobs/<hash>``, so ``load_peft(snapshot_download(...), ...)`` works; the blob is returned.
+    """
+    try:
+        st = os.lstat(path)
+    except FileNotFoundError:
+        other = " (only adapter_model.bin, a torch pickle, is there; convert it to safetensors)" \
+            if what == WEIGHTS_FILE and (directory / "adapter_model.bin").exists() else ""
+        raise CheckpointError(f"no {what} in '{directory}'{other}") from None
+    except OSError as err:
+        raise CheckpointError(f"cannot read '{path}': {err}") from err
+    if stat.S_ISLNK(st.st_mode):
+        blob = _cache_blob(path, directory)
+        if blob is not None:
+            return blob
+        raise CheckpointError(f"'{path}' is a symbolic link; load_peft reads only regular files in the adapter "
+                              "directory (copy the file there, e.g. with cp -L, or download with local_dir=)")
+    if not stat.S_ISREG(st.st_mode):
+        raise CheckpointError(f"'{path}' is not a regular file")
+    return path
+
+
+def _cache_blob(link: Path, directory: Path) -> Path | None:
+    """The blob a Hugging Face cache snapshot's link points to, if it is a regular file in that repo's ``blobs``."""
+    if directory.parent.name != "snapshots":
+        return None
+    blobs = os.path.realpath(directory.parent.parent / "blobs")
+    target = os.path.realpath(link)
+    if os.path.dirname(target) != blobs:
+        return None
+    try:
+        return Path(target) if stat.S_ISREG(os.lstat(target).st_mode) else None
+    except OSError:
+        return None
+
+
+def _read_json(path: Path) -> Any:
+    """The JSON in ``path``, a regular file (not a link) of at most a few MiB; any problem is a CheckpointError."""
+    # O_NOFOLLOW: a link swapped in after any earlier check still fails; O_NONBLOCK: a FIFO cannot hang the open
+    flags = os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_BINARY", 0)
+    try:
+        fd = os.open(path, flags)
+        with open(fd, "rb") as fh:
+            if not stat.S_ISREG(os.fstat(fh.fileno()).st_mode):
+                raise CheckpointError(f"'{path}' is not a regular file")
+            raw = fh.read(_MAX_CONFIG_BYTES + 1)
+    except OSError as err:
+        if err.errno == errno.ELOOP:
+            raise CheckpointError(f"'{path}' is a symbolic link; only regular files are read") from None
+        raise CheckpointError(f"cannot read '{path}': {err}") from err
+    if len(raw) > _MAX_CONFIG_BYTES:
+        raise CheckpointError(f"'{path}' is larger than {_MAX_CONFIG_BYTES >> 20} MiB; an adapter config is a "
+                              "few KiB")
+    try:
+        config = json.loads(raw.decode("utf-8"))
+    except (ValueError, RecursionError) as err:  # RecursionError: nesting deeper than the parser's stack
+        kind = "nested too deeply" if isinstance(err, RecursionError) else str(err)
+        raise CheckpointError(f"cannot read '{path}': {kind}") from None
+    return config
+
+
+def _read_config(path: Path) -> dict:
+    """The LoRA adapter config in ``path`` (see :func:`_read_json`)."""
+    config = _read_json(path)
+    if not isinstance(config, dict) or config.get("peft_type") != "LORA":
+        raise CheckpointError(f"'{path}' is not a LoRA adapter config "
+                              f"(peft_type={config.get('peft_type') if isinstance(config, dict) else None!r})")
+    return config
+
+
+class _Config:
+    """The fields of ``adapter_config.json`` load_peft uses, each checked before any tensor is read."""
+
+    def __init__(self, config: dict, where: str):
+        for flag in ("use_dora", "use_rslora"):
+            if config.get(flag) not in (None, True, False):
+                raise CheckpointError(f"'{where}': field '{flag}' is {config.get(flag)!r}, not true or false")
+        if config.get("use_dora"):
+            raise CheckpointError(f"'{where}' is a DoRA adapter (use_dora=true), which load_peft does not read")
+        self.budget = _Budget(where)  # for building and running every key's automaton
+        self.r = _rank_value(config.get("r"), "field 'r'", where)
+        self.alpha = _alpha_value(config.get("lora_alpha"), "field 'lora_alpha'", where)
+        self.variant = "rslora" if config.get("use_rslora") else "lora"
+        self.ranks = _PatternTable("rank_pattern", config.get("rank_pattern"),
+                                   lambda v, what: _rank_value(v, what, where), where, self.budget)
+        self.alphas = _PatternTable("alpha_pattern", config.get("alpha_pattern"),
+                                    lambda v, what: _alpha_value(v, what, where), where, self.budget)
+        targets = config.get("target_modules")
+        # PEFT: a list names modules by dotted suffix; a string is a regex the whole name must match
+        self.target_regex = self.target_names = None
+        if isinstance(targets, str) and targets != "all-linear":
+            self.target_regex = _compile_key(targets, False, "target_modules", where, self.budget)
+        elif isinstance(targets, list) and all(isinstance(t, str) for t in targets):
+            self.target_names = frozenset(targets)
+        elif targets not in (None, "all-linear"):
+            raise CheckpointError(f"'{where}': field 'target_modules' is {type(targets).__name__}; expected a "
+                                  "list of module names or a regex string")
+
+    def targets(self, name: str) -> bool:
+        """Whether ``target_modules`` covers a module (``True`` when the config leaves it out)."""
+        if self.target_regex is not None:
+            return self.target_regex.matches(name, self.budget)
+        if self.target_names is not None:
+            return any(s in self.target_names for s in _suffixes(name))
+        return True
+
+
+def _read(directory: Path) -> tuple[dict, _Config, dict, dict]:
+    """Config, checked config, ``{key: (shape, dtype)}`` from the safetensors header, and its metadata."""
     from safetensors import safe_open
 
-    cfg_path, w_path = directory / CONFIG_FILE, directory / WEIGHTS_FILE
-    if not cfg_path.is_file():
-        raise CheckpointError(f"no {CONFIG_FILE} in '{directory}'")
-    if not w_path.is_file():
-        other = " (only adapter_model.bin, a torch pickle, is there; convert it to safetensors)" \
-            if (directory / "adapter_model.bin").exists() else ""
-        raise CheckpointError(f"no {WEIGHTS_FILE} in '{directory}'{other}")
-    try:
-        config = json.loads(cfg_path.read_text())
-    except (ValueError, OSError) as err:
-        raise CheckpointError(f"cannot read '{cfg_path}': {err}") from err
-    if not isinstance(config, dict) or config.get("peft_type") != "LORA":
-        raise CheckpointError(f"'{cfg_path}' is not a LoRA adapter config "
-                              f"(peft_type={config.get('peft_type') if isinstance(config, dict) else None!r})")
-    for k, kind in (("r", int), ("lora_alpha", (int, float))):
-        if not isinstance(config.get(k), kind):
-            raise CheckpointError(f"'{cfg_path}': field '{k}' is missing or not a number")
-    if config.get("use_dora"):
-        raise CheckpointError(f"'{cfg_path}' is a DoRA adapter (use_dora=true), which load_peft does not read")
-    try:
+    cfg_path = _regular_file(directory / CONFIG_FILE, directory, CONFIG_FILE)
+    w_path = _regular_file(directory / WEIGHTS_FILE, directory, WEIGHTS_FILE)
+    config = _read_config(cfg_path)
+    checked = _Config(config, str(cfg_path))
+    try:  # only the header: shapes and dtypes are checked against the config and the base before any data
         with safe_open(str(w_path), "np") as f:
             meta = f.metadata() or {}
-            tensors = {k: f.get_tensor(k) for k in f.keys()}
+            header = {}
+            for k in f.keys():
+                sl = f.get_slice(k)
+                header[k] = (tuple(int(n) for n in sl.get_shape()), sl.get_dtype())
     except Exception as err:  # safetensors raises its own error types for damaged headers and short files
         raise CheckpointError(f"cannot read '{w_path}': {err}") from err
-    return config, tensors, meta
+    for k, (_, dt) in header.items():
+        if dt not in _FLOAT_DTYPES:
+            raise CheckpointError(f"'{w_path}': tensor '{k}' is {dt}; LoRA factors are floating point "
+                                  f"({', '.join(_FLOAT_DTYPES)})")
+    return config, checked, header, meta
 
 
-def _group(tensors: dict, where: str) -> dict[str, dict]:
-    """``{module: {"A": array, "B": array, "kind": ...}}``; unknown keys are an error, not skipped."""
+def _group(header: dict, where: str) -> dict[str, dict]:
+    """``{module: {"A": shape, "B": shape, "keys": {...}, "kind": ...}}``; unknown keys are an error, not skipped."""
     out: dict[str, dict] = {}
-    for key, x in tensors.items():
+    for key, (shape, _) in header.items():
         hit = next(((s, v) for s, v in _SUFFIXES.items() if key.endswith(s)), None)
         if hit is None or not key.startswith(PREFIX):
             raise CheckpointError(f"{where}: tensor '{key}' is not a LoRA A/B weight under '{PREFIX}' "
                                   "(biases, modules_to_save and other PEFT methods are not read)")
         suffix, (kind, which) = hit
-        mod = out.setdefault(key[len(PREFIX):-len(suffix)], {"kind": kind})
-        mod[which] = x
+        mod = out.setdefault(key[len(PREFIX):-len(suffix)], {"kind": kind, "keys": {}})
+        mod[which], mod["keys"][which] = shape, key
     for name, mod in out.items():
         if "A" not in mod or "B" not in mod:
             raise CheckpointError(f"{where}: module '{name}' has only lora_{'A' if 'A' in mod else 'B'}")
+        A, B = mod["A"], mod["B"]
+        conv = mod["kind"] == "matrix" and len(A) > 2
+        if len(A) < 2 or len(B) != len(A) or (mod["kind"] == "embedding" and len(A) != 2) \
+                or (conv and any(n != 1 for n in B[2:])):
+            raise CheckpointError(f"{where}: module '{name}' has lora_A {A} and lora_B {B}; PEFT's are (r, in) "
+                                  "and (out, r), or (r, in, *kernel) and (out, r, 1, ...) for a convolution")
     return out
 
 
-def _pattern_value(patterns: Mapping[str, Any], name: str, default):
-    for pat, v in (patterns or {}).items():
-        if re.fullmatch(rf"(?:.*\.)?(?:{pat})", name):
-            return v
-    return default
-
-
-def _infer_layout(shape: tuple, ns: int, A: np.ndarray, B: np.ndarray, path: str) -> Layout:
-    """Axes of a base weight from PEFT's flat ``(r, in)``/``(out, r)``: ``in`` leads, ``out`` follows."""
+def _infer_layout(shape: tuple, ns: int, A: tuple, B: tuple, path: str) -> Layout:
+    """Axes of a base weight from PEFT's flat ``(r, in)``/``(out, r)`` shapes: ``in`` leads, ``out`` follows."""
     rest = list(range(ns, len(shape)))
-    if A.ndim > 2:  # convolution: everything but the output channel is contracted
+    if len(A) > 2:  # convolution: everything but the output channel is contracted
         return Layout(tuple(range(ns)), tuple(rest[:-1]), (rest[-1],))
-    n_in, n_out = A.shape[1], B.shape[0]
+    n_in, n_out = A[1], B[0]
     for k in range(1, len(rest)):
         if math.prod(shape[i] for i in rest[:k]) == n_in and math.prod(shape[i] for i in rest[k:]) == n_out:
             return Layout(tuple(range(ns)), tuple(rest[:k]), tuple(rest[k:]))
-    raise StructureError(f"'{path}' of shape {shape} cannot hold lora_A {A.shape} and lora_B {B.shape} "
+    raise StructureError(f"'{path}' of shape {shape} cannot hold lora_A {A} and lora_B {B} "
                          f"(in {n_in}, out {n_out}); pass layout= if its axes are not (stack, in, out) in order")
 
 
@@ -397,6 +589,13 @@ def load_peft(directory: str | os.PathLike, base: Any, name_map: NameMap = None,
     path, else from the metadata :func:`save_peft` records, else from the shapes (``in`` axes first, then ``out``; a
     convolution contracts all but its last axis).
 
+    The files are treated as untrusted: both must be regular files (not
+    symbolic links), the config is checked (ranks, finite positive alphas,
+    ``target_modules`` covering every module, ``rank_pattern``/``alpha_pattern``
+    keys matched as PEFT does but without a backtracking regex engine), and
+    every tensor's shape and dtype are checked against the config and the base
+    from the safetensors header before any tensor data is read.
+
     Args:
       directory: a directory with ``adapter_config.json`` and ``adapter_model.safetensors``.
       base: the dense params, or a LoRA tree (whose ``w`` and layouts are
@@ -409,9 +608,13 @@ def load_peft(directory: str | os.PathLike, base: Any, name_map: NameMap = None,
       ``base`` with a :class:`LoraWeight` at every adapted path.
 
     Raises:
-      CheckpointError: missing or unreadable files, not a LoRA config, an
-        unsupported tensor, a module whose rank differs from the config, or a
-        config that is not the one :func:`save_peft` wrote with these weights.
+      CheckpointError: missing, linked or unreadable files, not a LoRA config,
+        a field of the wrong type or out of range, a pattern key that is not a
+        valid regex or outside the subset evaluated (nested repeats,
+        backreferences, lookarounds), an unsupported or non-float tensor, a
+        module whose rank differs from the config or that ``target_modules``
+        does not name, or a config that is not the one :func:`save_peft`
+        wrote with these weights.
       StructureError: a module has no base weight or maps to two, a shape does
         not fit (the message names the path and both shapes), a stacked weight
         misses slices, or a LoRA ``base`` has adapters the file does not have.
@@ -424,16 +627,17 @@ def load_peft(directory: str | os.PathLike, base: Any, name_map: NameMap = None,
         LoraWeight(shape=(6, 4), dtype=float32, rank=2, alpha=2, in=(0,), out=(1,))
     """
     where = str(Path(directory).expanduser().absolute())
-    config, tensors, meta = _read(Path(where))
-    modules = _group(tensors, where)
+    config, cfg, header, meta = _read(Path(where))
+    modules = _group(header, where)
     try:
         recorded = {e["path"]: e for e in json.loads(meta.get("lorax_fn", "[]"))}
-    except (ValueError, TypeError, KeyError):
+    except (ValueError, TypeError, KeyError, RecursionError):
         recorded = {}
-    variant = "rslora" if config.get("use_rslora") else "lora"
     flat, treedef = leaves_with_paths(base, is_leaf=is_lora)
+    # First every check, on shapes alone; only then the tensor data (so nothing is allocated for a file that
+    # does not fit, and the allocations are bounded by the tensors the file really holds).
     # owner: module -> the path it went to, so one module never fills two weights (a sloppy name_map)
-    leaves, owner, filled = [x for _, x in flat], {}, set()
+    plans, owner = [], {}
     for i, (path, leaf) in enumerate(flat):
         got = _resolve(name_map, path)
         if got is None:
@@ -450,7 +654,11 @@ def load_peft(directory: str | os.PathLike, base: Any, name_map: NameMap = None,
         if lay is None and is_lora(leaf):
             lay = leaf.layout
         if lay is None and path in recorded:
-            lay = Layout(*(tuple(g) for g in recorded[path]["layout"]))
+            try:
+                lay = Layout(*(tuple(int(a) for a in g) for g in recorded[path]["layout"]))
+            except (TypeError, ValueError, KeyError):
+                raise CheckpointError(f"{where}: the lorax_fn metadata in {WEIGHTS_FILE} has a damaged "
+                                      f"layout for '{path}'") from None
         stack_shape, fits = shape[:ns], True  # without a layout: leading stack axes, one per '{}' field
         if lay is not None:
             try:
@@ -477,10 +685,10 @@ def load_peft(directory: str | os.PathLike, base: Any, name_map: NameMap = None,
         if lay is None:
             lay = _infer_layout(shape, ns, first["A"], first["B"], path).check(shape, path)
         swap = first["kind"] == "embedding" and _embedding_swapped(lay, len(shape), path)
-        rank = int(first["A"].shape[0])
+        rank = first["A"][0]
         sa, sb = factor_shapes(shape, lay, rank)
-        a = np.empty(sa, first["A"].dtype)
-        b = np.empty(sb, first["B"].dtype)
+        # one slice's element counts; A holds b's when swapped (see _from_torch)
+        na, nb = math.prod(sa[ns:]), math.prod(sb[ns:])
         alpha = None
         for idx, name in slices:
             if name in owner:
@@ -488,42 +696,80 @@ def load_peft(directory: str | os.PathLike, base: Any, name_map: NameMap = None,
                                      "name_map must give each base weight its own module")
             owner[name] = path
             mod = modules[name]
-            want_r = _pattern_value(config.get("rank_pattern"), name, config["r"])
-            if mod["A"].shape[0] != want_r or mod["B"].shape[1] != want_r:
-                raise CheckpointError(f"{where}: module '{name}' ('{path}') has lora_A {mod['A'].shape} and lora_B "
-                                      f"{mod['B'].shape}, but the config gives it rank {want_r}")
-            if mod["A"].shape[0] != rank:
+            want_r = cfg.ranks.value(name, cfg.r, cfg.budget)
+            if mod["A"][0] != want_r or mod["B"][1] != want_r:
+                raise CheckpointError(f"{where}: module '{name}' ('{path}') has lora_A {mod['A']} and lora_B "
+                                      f"{mod['B']}, but the config gives it rank {want_r}")
+            if mod["A"][0] != rank:
                 raise StructureError(f"{where}: slices of stacked '{path}' have different ranks")
-            try:
-                # a and b hold the stack axes first, wherever they sit in the base weight
-                a[idx], b[idx] = _from_torch(mod["A"], mod["B"], sa[len(idx):], sb[len(idx):], swap)
-            except ValueError:
-                raise StructureError(f"{where}: module '{name}' (lora_A {mod['A'].shape}, lora_B {mod['B'].shape}) "
+            if (math.prod(mod["A"]), math.prod(mod["B"])) != ((nb, na) if swap else (na, nb)):
+                raise StructureError(f"{where}: module '{name}' (lora_A {mod['A']}, lora_B {mod['B']}) "
                                      f"does not fit '{path}' of shape {shape}: it needs a {sa[ns:]} and "
-                                     f"b {sb[ns:]}") from None
-            alpha_i = _pattern_value(config.get("alpha_pattern"), name, config["lora_alpha"])
+                                     f"b {sb[ns:]}")
+            alpha_i = cfg.alphas.value(name, cfg.alpha, cfg.budget)
             if alpha is not None and alpha_i != alpha:
                 raise StructureError(f"{where}: slices of stacked '{path}' have different alphas")
             alpha = alpha_i
-        a, b = jnp.asarray(a), jnp.asarray(b)
-        if dtype is not None:
-            a, b = a.astype(dtype), b.astype(dtype)
-        leaves[i] = LoraWeight(w, a, b, rank=rank, alpha=float(alpha), layout=lay, variant=variant)
-        filled.add(i)
+        plans.append((i, w, lay, slices, rank, alpha, sa, sb, swap))
     unclaimed = sorted(set(modules) - set(owner))
     if unclaimed:
         raise StructureError(f"{where}: no base weight maps to modules {unclaimed[:5]}; check name_map "
                              "(it must give these names for the base's paths)")
     # a LoRA template's adapters that the file does not replace would otherwise come back unchanged
+    filled = {p[0] for p in plans}
     stale = [p for j, (p, x) in enumerate(flat) if is_lora(x) and j not in filled]
     if stale:
         raise StructureError(f"{where}: the given tree has adapters the file does not have: "
                              + ", ".join(f"'{p}'" for p in stale[:5]) + "; pass the dense base, or check name_map")
-    # last, so the specific checks above name a problem first: new weights next to an old config (a save_peft
-    # interrupted between its two renames) or an edited r/alpha would otherwise load with the wrong scale
+    # after the unclaimed check, so every module is one the caller's base asked for (bounded names)
+    untargeted = sorted(n for n in modules if not cfg.targets(n))
+    if untargeted:
+        raise CheckpointError(f"{where}: modules {untargeted[:5]} are in {WEIGHTS_FILE} but not in the config's "
+                              f"target_modules {_short(config.get('target_modules'))}; the two files do not belong "
+                              "together")
+    # last of the checks, so the specific ones above name a problem first: new weights next to an old config (a
+    # save_peft interrupted between its two renames) or an edited r/alpha would otherwise load with the wrong scale
     want = meta.get(CONFIG_CRC_KEY)
     if want is not None and want != str(_config_crc(config)):
         raise CheckpointError(f"{where}: {CONFIG_FILE} is not the config {WEIGHTS_FILE} was saved with (its "
                               "r/alpha/rank_pattern/alpha_pattern/use_rslora fields changed, e.g. by a save_peft "
                               "interrupted between writing the two files); save the adapter again")
+    leaves = [x for _, x in flat]
+    arrays = _read_tensors(Path(where) / WEIGHTS_FILE, modules, [n for p in plans for _, n in p[3]])
+    for i, w, lay, slices, rank, alpha, sa, sb, swap in plans:
+        a = b = None
+        for idx, name in slices:
+            A, B = arrays[name]
+            if a is None:
+                a, b = np.empty(sa, A.dtype), np.empty(sb, B.dtype)
+            # a and b hold the stack axes first, wherever they sit in the base weight
+            a[idx], b[idx] = _from_torch(A, B, sa[len(idx):], sb[len(idx):], swap)
+        a, b = jnp.asarray(a), jnp.asarray(b)
+        if dtype is not None:
+            a, b = a.astype(dtype), b.astype(dtype)
+        leaves[i] = LoraWeight(w, a, b, rank=rank, alpha=float(alpha), layout=lay, variant=cfg.variant)
     return jax.tree_util.tree_unflatten(treedef, leaves)
+
+
+def _short(value: Any, limit: int = 200) -> str:
+    text = repr(value)
+    return text if len(text) <= limit else text[:limit] + "..."
+
+
+def _read_tensors(w_path: Path, modules: dict, names: list[str]) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+    """``{module: (A, B)}`` from the file, each the shape its header gave when it was checked."""
+    from safetensors import safe_open
+
+    w_path = _regular_file(w_path, w_path.parent, WEIGHTS_FILE)
+    out = {}
+    try:
+        with safe_open(str(w_path), "np") as f:
+            for name in names:
+                mod = modules[name]
+                out[name] = tuple(f.get_tensor(mod["keys"][x]) for x in "AB")
+    except Exception as err:  # safetensors raises its own error types for damaged headers and short files
+        raise CheckpointError(f"cannot read '{w_path}': {err}") from err
+    for name in names:
+        if tuple(out[name][0].shape) != modules[name]["A"] or tuple(out[name][1].shape) != modules[name]["B"]:
+            raise CheckpointError(f"'{w_path}' changed while it was being read; load it again")
+    return out

@@ -216,3 +216,12 @@ def test_output_into_a_closed_pipe_has_no_traceback(tmp_path):
                          capture_output=True, text=True, cwd=ROOT, timeout=120)
     assert res.stdout.startswith("lorax_fn adapter checkpoint")
     assert "Traceback" not in res.stderr and "BrokenPipeError" not in res.stderr
+
+
+def test_inspect_peft_config_nested_too_deeply_is_a_one_line_error(tmp_path, capsys):
+    d = tmp_path / "peft"
+    d.mkdir()
+    (d / "adapter_config.json").write_text("[" * 200_000 + "]" * 200_000)
+    assert cli.main(["inspect", str(d)]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("error: cannot read") and "nested too deeply" in err and err.count("\n") == 1

@@ -1,6 +1,11 @@
 """save_peft / load_peft: PEFT's file layout, checked independently with safetensors' NumPy API."""
 
 import json
+import os
+import re
+import time
+import tracemalloc
+from pathlib import Path
 
 import chex
 import hypothesis.strategies as st
@@ -14,7 +19,8 @@ from safetensors.numpy import load_file, save_file
 
 import lorax_fn as lf
 from lorax_fn.errors import CheckpointError
-from lorax_fn.peft import module_name, rename
+import lorax_fn.peft as peft_mod
+from lorax_fn.peft import CONFIG_FILE, WEIGHTS_FILE, module_name, rename
 
 from models import cnn, scanned, transformer
 
@@ -359,3 +365,270 @@ def test_config_that_does_not_belong_to_the_weights(tmp_path, monkeypatch):
     (d / "adapter_config.json").write_text(json.dumps(dict(cfg, lora_alpha=64)))
     with pytest.raises(CheckpointError, match="is not the config"):
         lf.load_peft(d, p)
+
+
+# ------------------------------------------------------------------ hostile files and planted links
+FC = {"fc": {"kernel": jnp.ones((6, 4))}}
+
+
+def _write_peft(d, tensors, config_text):
+    """A PEFT adapter directory as PEFT writes it: no lorax_fn metadata, any config text."""
+    d.mkdir(parents=True, exist_ok=True)
+    save_file(tensors, str(d / "adapter_model.safetensors"), metadata={"format": "pt"})
+    (d / "adapter_config.json").write_text(config_text)
+    return d
+
+
+def _fc_tensors(r=2, dtype=np.float32, name="fc", n_in=6, n_out=4):
+    rng = np.random.default_rng(0)
+    return {f"{P}{name}.lora_A.weight": rng.standard_normal((r, n_in)).astype(dtype),
+            f"{P}{name}.lora_B.weight": rng.standard_normal((n_out, r)).astype(dtype)}
+
+
+def _config(**fields):
+    return json.dumps({"peft_type": "LORA", "r": 2, "lora_alpha": 4, "target_modules": ["fc"], **fields})
+
+
+def _snapshot(d):
+    """{name: bytes or link target} of everything in a directory, without following links."""
+    return {p.name: (("link", os.readlink(p)) if p.is_symlink() else p.read_bytes()) for p in d.iterdir()}
+
+
+@pytest.mark.parametrize("name", ["adapter_config.json", "adapter_model.safetensors"])
+def test_save_refuses_a_link_at_a_final_name(tmp_path, name):
+    outside = tmp_path / "outside.txt"
+    outside.write_bytes(b"not yours")
+    d = tmp_path / "adapter"
+    d.mkdir()
+    (d / name).symlink_to(outside)
+    before = _snapshot(d)
+    with pytest.raises(CheckpointError, match=re.escape(f"'{d / name}' is a symbolic link")):
+        lf.save_peft(d, lf.lorafy(FC, rank=2))
+    assert outside.read_bytes() == b"not yours"
+    assert _snapshot(d) == before  # the link untouched, the other file not written, no temporaries left
+
+
+def test_save_never_follows_links_at_old_temporary_names(tmp_path):
+    """Temporaries are fresh names created exclusively: links planted at the old fixed names stay as they are."""
+    d = tmp_path / "adapter"
+    d.mkdir()
+    targets = {}
+    for name in ("adapter_config.json.tmp", "adapter_model.safetensors.tmp"):
+        targets[name] = tmp_path / f"outside-{name}"
+        targets[name].write_bytes(b"keep me")
+        (d / name).symlink_to(targets[name])
+    src = trained(lf.lorafy(FC, rank=2))
+    lf.save_peft(d, src)
+    for name, target in targets.items():
+        assert (d / name).is_symlink() and os.readlink(d / name) == str(target)
+        assert target.read_bytes() == b"keep me"
+    for name in ("adapter_config.json", "adapter_model.safetensors"):
+        assert not (d / name).is_symlink() and (d / name).is_file()
+    assert sorted(p.name for p in d.iterdir()) == sorted(["adapter_config.json", "adapter_model.safetensors",
+                                                          *targets])
+    chex.assert_trees_all_equal(lf.load_peft(d, FC), src)
+
+
+def test_save_into_a_linked_directory(tmp_path):
+    """A directory the user names may be a link to a directory: the files land in the real one."""
+    real = tmp_path / "real"
+    real.mkdir()
+    (tmp_path / "alias").symlink_to(real, target_is_directory=True)
+    src = trained(lf.lorafy(FC, rank=2))
+    lf.save_peft(tmp_path / "alias", src)
+    assert sorted(p.name for p in real.iterdir()) == ["adapter_config.json", "adapter_model.safetensors"]
+    chex.assert_trees_all_equal(lf.load_peft(real, FC), src)
+
+
+def test_failed_save_leaves_no_temporaries(tmp_path, monkeypatch):
+    d = tmp_path / "adapter"
+    d.mkdir()
+    (d / "README.md").write_text("mine")
+
+    def full_disk(src, dst):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(peft_mod.os, "replace", full_disk)
+    with pytest.raises(CheckpointError, match=re.escape(f"cannot write the PEFT adapter in '{d}'") + ".*No space"):
+        lf.save_peft(d, lf.lorafy(FC, rank=2))
+    assert _snapshot(d) == {"README.md": b"mine"}
+
+
+# each case: (config text, tensors, base, what the message must name)
+_NAME = "a" * 24 + "!"  # the old matcher takes about a second on this name with the key below
+# regex keys that Python's re rejects quickly on these names but that cost the automaton more than it may spend
+_LONG_NAMES = ["".join(np.random.default_rng(k).choice(list("ab"), 300)) for k in range(40)]
+_COSTLY = {"[ab]" * 50 + ".*" + "(a|b|c)" * 40 + str(i): 2 for i in range(64)}
+_HOSTILE = {
+    "catastrophic_regex": (_config(target_modules=[_NAME], rank_pattern={"(a+)+$": 2}),
+                           _fc_tensors(name=_NAME), {_NAME: {"kernel": jnp.ones((6, 4))}},
+                           r"rank_pattern key '\(a\+\)\+\$' uses a repeat nested inside another repeat"),
+    "invalid_regex": (_config(rank_pattern={"fc(": 2}), _fc_tensors(), FC,
+                      r"rank_pattern key 'fc\(' is not a valid regular expression"),
+    "backreference": (_config(alpha_pattern={r"(f)\1?c": 2}), _fc_tensors(), FC,
+                      r"alpha_pattern key .* uses the escape '\\1'"),
+    "absurd_rank": (_config(r=10 ** 9), {f"{P}fc.lora_A.weight": np.zeros((10 ** 9, 0), np.float32),
+                                         f"{P}fc.lora_B.weight": np.zeros((0, 10 ** 9), np.float32)}, FC,
+                    r"field 'r' is 1000000000; a rank must be a whole number from 1 to"),
+    "bool_rank": (_config(r=True, lora_alpha=1), _fc_tensors(r=1), FC, r"field 'r' is True"),
+    "deep_nesting": ('{"peft_type": "LORA", "r": 2, "lora_alpha": 4, "x": ' + "[" * 200_000 + "]" * 200_000 + "}",
+                     _fc_tensors(), FC, r"adapter_config.json': nested too deeply"),
+    "nan_alpha": (_config(lora_alpha=float("nan")), _fc_tensors(), FC, r"field 'lora_alpha' is nan"),
+    "inf_alpha": (_config(lora_alpha=float("inf")), _fc_tensors(), FC, r"field 'lora_alpha' is inf"),
+    "negative_alpha": (_config(lora_alpha=-4), _fc_tensors(), FC, r"field 'lora_alpha' is -4"),
+    "zero_alpha": (_config(lora_alpha=0), _fc_tensors(), FC, r"field 'lora_alpha' is 0;"),
+    "bool_alpha": (_config(lora_alpha=True), _fc_tensors(), FC, r"field 'lora_alpha' is True"),
+    "bool_rank_pattern": (_config(r=1, rank_pattern={"fc": True}), _fc_tensors(r=1), FC,
+                          r"rank_pattern\['fc'\] is True"),
+    "nan_alpha_pattern": (_config(alpha_pattern={"fc": float("nan")}), _fc_tensors(), FC,
+                          r"alpha_pattern\['fc'\] is nan"),
+    "text_alpha_pattern": (_config(alpha_pattern={"fc": "8"}), _fc_tensors(), FC, r"alpha_pattern\['fc'\] is '8'"),
+    "list_rank_pattern": (_config(rank_pattern=["fc"]), _fc_tensors(), FC, r"field 'rank_pattern' is a list"),
+    "text_use_rslora": (_config(use_rslora="yes"), _fc_tensors(), FC, r"field 'use_rslora' is 'yes'"),
+    "oversized_config": (_config() + " " * (5 << 20), _fc_tensors(), FC, r"larger than 4 MiB"),
+    "integer_tensors": (_config(), _fc_tensors(dtype=np.int32), FC, r"tensor 'base_model.model.fc.lora_A.weight' is I32"),
+    "costly_keys": (_config(r=1, target_modules=_LONG_NAMES, rank_pattern=_COSTLY),
+                    {k: v for n in _LONG_NAMES for k, v in _fc_tensors(r=1, name=n, n_in=2, n_out=2).items()},
+                    {n: {"kernel": jnp.ones((2, 2))} for n in _LONG_NAMES},
+                    r"evaluating rank_pattern/alpha_pattern/target_modules for these module names takes more than"),
+    "untargeted_module": (_config(target_modules=["q_proj", "v_proj"]), _fc_tensors(), FC,
+                          r"modules \['fc'\] are in adapter_model.safetensors but not in the config's target_modules"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(_HOSTILE))
+def test_hostile_config_is_refused_quickly(tmp_path, case):
+    text, tensors, base, message = _HOSTILE[case]
+    d = _write_peft(tmp_path / case, tensors, text)
+    start = time.perf_counter()
+    with pytest.raises(CheckpointError, match=message):
+        lf.load_peft(d, base, layout=lf.Layout((), (0,), (1,)))  # a known layout: nothing guessed from shapes
+    assert time.perf_counter() - start < 1.0
+
+
+def test_absurd_rank_is_refused_before_allocating(tmp_path):
+    """Zero-size factors that declare a huge rank: the shapes are checked against the base before any buffer."""
+    r = 1 << 20  # allowed by the config checks; a and b of the base below would be 256 MiB each
+    d = _write_peft(tmp_path, {f"{P}fc.lora_A.weight": np.zeros((r, 0), np.float32),
+                               f"{P}fc.lora_B.weight": np.zeros((0, r), np.float32)}, _config(r=r))
+    base = {"fc": {"kernel": jnp.ones((64, 64))}}
+    tracemalloc.start()
+    try:
+        with pytest.raises(lf.StructureError, match=r"module 'fc' \(lora_A \(1048576, 0\), lora_B \(0, 1048576\)\) "
+                                                    r"does not fit 'fc/kernel' of shape \(64, 64\)"):
+            lf.load_peft(d, base, layout=lf.Layout((), (0,), (1,)))
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert peak < 16 << 20
+
+
+@pytest.mark.parametrize("name", ["adapter_config.json", "adapter_model.safetensors"])
+def test_links_in_the_adapter_directory_are_not_read(tmp_path, name):
+    d = _write_peft(tmp_path / "adapter", _fc_tensors(), _config())
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    (d / name).rename(elsewhere / name)
+    (d / name).symlink_to(elsewhere / name)
+    with pytest.raises(CheckpointError, match=re.escape(f"'{d / name}' is a symbolic link")):
+        lf.load_peft(d, FC)
+
+
+def test_a_hugging_face_cache_snapshot_is_read_through_its_blob_links(tmp_path):
+    # snapshot_download's layout: <repo>/snapshots/<rev>/<file> -> ../../blobs/<hash>
+    repo = tmp_path / "models--someone--adapter"
+    src = _write_peft(tmp_path / "src", _fc_tensors(), _config())
+    (repo / "blobs").mkdir(parents=True)
+    snap = repo / "snapshots" / "0123abc"
+    snap.mkdir(parents=True)
+    for i, name in enumerate((CONFIG_FILE, WEIGHTS_FILE)):
+        (src / name).rename(repo / "blobs" / f"hash{i}")
+        (snap / name).symlink_to(Path("..") / ".." / "blobs" / f"hash{i}")
+    got = lf.load_peft(snap, FC)["fc"]["kernel"]
+    assert got.rank == 2
+    # a link in a snapshot folder that leaves its repo's blobs is still refused
+    outside = tmp_path / "outside.json"
+    (repo / "blobs" / "hash0").rename(outside)
+    (snap / CONFIG_FILE).unlink()
+    (snap / CONFIG_FILE).symlink_to(outside)
+    with pytest.raises(CheckpointError, match="is a symbolic link"):
+        lf.load_peft(snap, FC)
+
+
+def test_target_modules_as_peft_writes_them(tmp_path):
+    """Suffix names and a whole-name regex both cover the file's modules; a module neither names is refused."""
+    params = {"model": {n: {"kernel": jnp.ones((6, 4))} for n in ("q_proj", "v_proj")}}
+    tensors = {**_fc_tensors(name="model.q_proj"), **_fc_tensors(name="model.v_proj")}
+    for targets in (["q_proj", "v_proj"], ["model.q_proj", "v_proj"], r"model\.(q|v)_proj", ".*_proj", None):
+        d = _write_peft(tmp_path / str(len(os.listdir(tmp_path))), tensors, _config(target_modules=targets))
+        back = lf.load_peft(d, params)
+        assert back["model"]["v_proj"]["kernel"].rank == 2
+    for targets, left_out in ((["q_proj"], "'model.v_proj'"), ("model.q_proj", "'model.v_proj'"),
+                              (["proj"], "'model.q_proj', 'model.v_proj'")):  # a suffix ends at a dot
+        d = _write_peft(tmp_path / str(len(os.listdir(tmp_path))), tensors, _config(target_modules=targets))
+        with pytest.raises(CheckpointError, match=re.escape(f"modules [{left_out}] are in")):
+            lf.load_peft(d, params)
+
+
+def test_pattern_keys_as_peft_writes_them(tmp_path):
+    """Plain suffixes, unescaped dotted names, '^'-anchored names and regexes; the first matching key wins."""
+    params = {"model": {"layers": {str(i): {n: {"kernel": jnp.ones((6, 4))} for n in ("q_proj", "v_proj")}
+                                   for i in range(2)}}}
+    names = [f"model.layers.{i}.{n}" for i in range(2) for n in ("q_proj", "v_proj")]
+    want_r = {"model.layers.0.q_proj": 1, "model.layers.0.v_proj": 3, "model.layers.1.q_proj": 4,
+              "model.layers.1.v_proj": 2}
+    tensors = {k: v for n in names for k, v in _fc_tensors(r=want_r[n], name=n).items()}
+    rank_pattern = {"^model.layers.0.q_proj": 1, "layers.0.v_proj": 3, r"layers\.1\.q_proj": 4, "q_proj": 9}
+    alpha_pattern = {r"model\.layers\.[01]\.v_proj$": 5, "(q|v)_proj": 7}
+    d = _write_peft(tmp_path, tensors, _config(target_modules=["q_proj", "v_proj"], rank_pattern=rank_pattern,
+                                               alpha_pattern=alpha_pattern))
+    back = lf.load_peft(d, params)
+    for n in names:
+        lw = back["model"]["layers"][n.split(".")[2]][n.split(".")[3]]["kernel"]
+        # independent reference: PEFT's own rule, a regex suffix match with the first key winning
+        ref_r = next((v for k, v in rank_pattern.items() if re.match(rf"(.*\.)?({k})$", n)), 2)
+        ref_alpha = next((v for k, v in alpha_pattern.items() if re.match(rf"(.*\.)?({k})$", n)), 4)
+        assert (lw.rank, lw.alpha) == (ref_r, ref_alpha) == (want_r[n], 5.0 if "v_proj" in n else 7.0)
+
+
+_ATOMS = ["a", "b", "1", "_", ".", r"\.", "[ab]", "[^a.]", "[0-9]", r"\d", r"\w", r"\W", "x"]
+
+
+@st.composite
+def _pattern(draw, depth=0):
+    kind = draw(st.integers(0, 4 if depth < 3 else 0))
+    if kind == 0:
+        return draw(st.sampled_from(_ATOMS))
+    if kind == 1:
+        return "".join(draw(st.lists(_pattern(depth + 1), min_size=1, max_size=3)))
+    if kind == 2:
+        return "(" + draw(_pattern(depth + 1)) + "|" + draw(_pattern(depth + 1)) + ")"
+    if kind == 3:
+        return "(?:" + draw(_pattern(depth + 1)) + ")"
+    atom = draw(st.sampled_from(["a", ".", "[ab]", "(ab)", r"\.", "(a|b.)"]))
+    return atom + draw(st.sampled_from(["*", "+", "?", "{2}", "{1,3}", "{,2}", "{2,}", "*?"]))
+
+
+@settings(max_examples=300, deadline=None)
+@given(body=_pattern(), anchors=st.tuples(st.booleans(), st.booleans()),
+       names=st.lists(st.text("ab.1_x", max_size=7), min_size=1, max_size=8))
+def test_pattern_keys_match_like_pythons_re(body, anchors, names):
+    """The linear-time matcher agrees with PEFT's rule run by Python's re, on keys re handles quickly."""
+    from lorax_fn.peft_patterns import _Budget, _Key
+    key = ("^" if anchors[0] else "") + body + ("$" if anchors[1] else "")
+    suffix, whole = _Key(key, suffix=True), _Key(key, suffix=False)
+    budget = _Budget("adapter_config.json")
+    for name in names:
+        assert suffix.matches(name, budget) == bool(re.match(rf"(.*\.)?({key})$", name)), (key, name)
+        assert whole.matches(name, budget) == bool(re.fullmatch(key, name)), (key, name)
+
+
+def test_escaped_module_names_are_literals():
+    """What save_peft writes (re.escape'd names) matches exactly those names, without a regex engine."""
+    from lorax_fn.peft_patterns import _Budget, _Key
+    budget = _Budget("adapter_config.json")
+    for name in ("model.layers.0.self_attn.q_proj", "h.0.attn.c-attn", "blocks.1.mlp+gate", "x.y[0]"):
+        key = _Key(re.escape(name), suffix=True)
+        assert key.literal == name
+        assert key.matches(name, budget) and key.matches("base." + name, budget)
+        assert not key.matches("x" + name, budget) and not key.matches(name + ".z", budget)

@@ -19,7 +19,9 @@ kernels, and an ``nn.Embed`` tied to the output layer). After base training,
 At the end the adapters are saved with ``lf.save_adapters`` (their size on
 disk is printed next to the base model's) and reloaded onto the base with
 ``lf.load_adapters``, and the loss curves of both phases go to a PNG
-(``--plot``, by default ``out/text_lm_loss.png``).
+(``--plot``, by default ``out/text_lm_loss.png``). The plot needs matplotlib
+(``pip install -e ".[examples]"``); the script checks for it before training,
+and ``--plot ''`` runs without it.
 
 Run ``python examples/text_lm.py --help`` for the knobs; the defaults finish in
 under two minutes on two CPU cores.
@@ -244,13 +246,26 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     p.add_argument("--explain", action="store_true", help="print the full lf.explain table")
     p.add_argument("--plot", default=os.path.join("out", "text_lm_loss.png"),
-                   help="where to write the loss-curve PNG ('' for none)")
+                   help="where to write the loss-curve PNG ('' for none; a plot needs matplotlib, "
+                        "from pip install -e \".[examples]\")")
     p.add_argument("--adapter-dir", default=os.path.join("out", "text_lm_adapter"),
                    help="where lf.save_adapters writes the trained adapters (replaced if present)")
     args = p.parse_args(argv)
     if args.d_model % args.heads:
         p.error("--d-model must be divisible by --heads")
+    require_plotting(args.plot)
     return args
+
+
+def require_plotting(plot: str | None) -> None:
+    """Stop at start-up, not after minutes of training, when the plot cannot be drawn."""
+    if not plot:
+        return
+    try:
+        import matplotlib  # noqa: F401  (an optional dependency: the extra "examples")
+    except ImportError:
+        raise SystemExit("text_lm.py: the loss plot needs matplotlib, which is not installed: run "
+                         "pip install -e \".[examples]\" (or pass --plot '' to run without the plot)") from None
 
 
 def main(argv=None) -> Summary:

@@ -10,7 +10,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.tree_util import GetAttrKey
 
-from .errors import LayoutError
+from .errors import ArgumentError, LayoutError
 
 
 class Layout(NamedTuple):
@@ -78,11 +78,23 @@ class LoraWeight:
     weight's. Children: ``w``, ``a``, ``b``; static: ``rank``, ``alpha``,
     ``layout``, ``variant`` (``"lora"`` or ``"rslora"``).
 
+    Outside :func:`lorax_fn.lora` it is not an array: a function that is not
+    wrapped (a plain ``model.apply``, ``jnp.asarray``, ``np.asarray``, ``x @ w``)
+    raises :class:`~lorax_fn.ArgumentError`, which says to wrap the function
+    with ``lf.lora`` or to ``lf.merge`` the tree first. Tree functions
+    (``jax.tree.map``, ``jax.jit`` arguments, ``jax.eval_shape``) see its
+    children and are unaffected.
+
     Example:
         >>> import jax.numpy as jnp, lorax_fn as lf
         >>> lw = lf.lorafy({"k": jnp.ones((4, 3))}, rank=2)["k"]
         >>> lw.shape, lw.a.shape, lw.b.shape
         ((4, 3), (4, 2), (2, 3))
+        >>> try:
+        ...     jnp.ones((2, 4)) @ lw
+        ... except lf.ArgumentError as err:
+        ...     print("`lf.lora`" in str(err), "`lf.merge`" in str(err))
+        True True
     """
 
     __slots__ = ("w", "a", "b", "rank", "alpha", "layout", "variant")
@@ -133,6 +145,25 @@ class LoraWeight:
     @property
     def size(self) -> int:
         return int(np.prod(self.shape))
+
+    # -- outside lf.lora ---------------------------------------------------
+    # A LoraWeight is not an array: code that is not wrapped by lf.lora would
+    # otherwise fail deep inside JAX or NumPy with "float() argument must be ...
+    # not 'LoraWeight'" (or, for NumPy, silently build an object array). JAX and
+    # NumPy call these hooks when they convert an operand, so that is where the
+    # mistake is caught and named.
+    def _outside_lora(self, how: str) -> ArgumentError:
+        return ArgumentError(
+            f"a LoraWeight (shape {self.shape}, rank {self.rank}) reached code that is not wrapped "
+            f"by lf.lora ({how}); a LoRA tree only runs under the transform. Wrap the function "
+            "with `lf.lora` (e.g. `lf.lora(model.apply)({'params': lp}, x)`), or `lf.merge` the "
+            "tree first to get plain arrays (`model.apply({'params': lf.merge(lp)}, x)`).")
+
+    def __jax_array__(self):
+        raise self._outside_lora("JAX tried to convert it to an array")
+
+    def __array__(self, dtype=None, copy=None):
+        raise self._outside_lora("NumPy tried to convert it to an array")
 
     def __repr__(self) -> str:
         lay = self.layout

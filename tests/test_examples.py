@@ -5,7 +5,10 @@ the checks are on what the script reports (its ``Summary``) and prints.
 """
 
 import importlib.util
+import os
+import subprocess
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -156,3 +159,41 @@ def test_tiny_nnx_mlp_adapts_and_merges_back_into_the_module(nnx_mlp, capsys):
     assert 0 < s.trainable < s.total
     assert s.new_loss_after < s.new_loss_before
     assert s.merge_max_diff < 1e-4
+
+
+# ----------------------------------------------------------------- optional dependencies
+NO_MATPLOTLIB = "raise ImportError('matplotlib is made unimportable by the test')\n"
+
+
+def test_text_lm_without_matplotlib_stops_at_start_up_naming_the_extra(tmp_path):
+    """Under a plain `pip install .` the demo must not train for minutes and then fail on the plot."""
+    shim = tmp_path / "shim"
+    shim.mkdir()
+    (shim / "matplotlib.py").write_text(NO_MATPLOTLIB)
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(shim), os.environ.get("PYTHONPATH", "")])}
+    t0 = time.perf_counter()
+    # tiny sizes, so that a script that only fails at the plot fails this test in seconds too
+    done = subprocess.run([sys.executable, str(EXAMPLES / "text_lm.py"), *TEXT_TINY,
+                           "--plot", str(tmp_path / "p.png"), "--adapter-dir", str(tmp_path / "ad")],
+                          capture_output=True, text=True, env=env, cwd=tmp_path, timeout=300)
+    elapsed = time.perf_counter() - t0
+    assert done.returncode != 0
+    lines = done.stderr.strip().splitlines()
+    assert len(lines) == 1 and 'pip install -e ".[examples]"' in lines[0] and "--plot ''" in lines[0], done.stderr
+    assert done.stdout == ""      # stopped before loading data or training anything
+    assert elapsed < 60, elapsed
+
+
+def test_text_lm_checks_for_matplotlib_only_when_it_plots(text_lm, tmp_path, monkeypatch):
+    monkeypatch.setitem(sys.modules, "matplotlib", None)   # `import matplotlib` raises ImportError
+    with pytest.raises(SystemExit, match=r'pip install -e "\.\[examples\]"'):
+        text_lm.parse_args(["--plot", str(tmp_path / "p.png")])
+    assert text_lm.parse_args(["--plot", ""]).plot == ""   # main() then skips plot_losses
+
+
+@pytest.mark.parametrize("name", sorted(p.stem for p in EXAMPLES.glob("*.py")))
+def test_every_example_loads_and_parses_its_flags_without_matplotlib(name, monkeypatch):
+    monkeypatch.setitem(sys.modules, "matplotlib", None)
+    mod = load(name)
+    args = mod.parse_args(["--plot", ""] if name == "text_lm" else [])
+    assert args is not None

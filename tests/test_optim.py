@@ -1,5 +1,7 @@
 """Adapter-only training: the frozen side never moves and holds no optimizer state."""
 
+import warnings
+
 import chex
 import flax.linen as nn
 import jax
@@ -120,3 +122,88 @@ def test_frozen_negative_zeros_survive_updates():
         lp = optax.apply_updates(lp, updates)
     assert np.signbit(lp["w"].w[0, 0]) and np.signbit(lp["bias"][0])
     chex.assert_trees_all_equal(lf.base(lp)["bias"], jnp.array([-0.0, 0.0, 1.0]))
+
+
+# ----------------------------------------------------------------- nothing to train
+def test_optimizer_warns_when_nothing_trains_and_names_the_fix():
+    params, _, _ = _task()
+    assert issubclass(lf.NoAdapterWarning, UserWarning)
+    with pytest.warns(lf.NoAdapterWarning) as caught:
+        lf.optimizer(optax.adam(1e-2), params)   # the original params, not the lorafied tree
+    msg = str(caught[0].message)
+    assert "no LoraWeight" in msg and "lorafy found nothing to adapt" in msg
+    assert "lf.optimizer(tx, lp)" in msg and "trainable=" in msg
+    assert caught[0].filename == __file__       # points at the caller's line
+    with pytest.warns(lf.NoAdapterWarning, match="`trainable` matched no leaf"):
+        lf.optimizer(optax.adam(1e-2), params, trainable="no/such/leaf")
+
+
+@pytest.mark.parametrize("trainable", [None, ".*bias"])
+def test_optimizer_does_not_warn_when_something_trains(trainable):
+    params, _, _ = _task()
+    tree = lf.lorafy(params, rank=2) if trainable is None else params
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        lf.optimizer(optax.adam(1e-2), tree, trainable=trainable)
+
+
+# ----------------------------------------------------------------- structure errors
+def _mismatches(lp, params):
+    return {
+        "the original params": (params, "'Dense_0/kernel'", "a LoraWeight (rank 2)", "an array leaf"),
+        "the variables dict": ({"params": lp}, "'params'", "nothing", "a dict"),
+        "another rank": (lf.lorafy(params, rank=3), "'Dense_0/kernel'", "a LoraWeight (rank 2, alpha 2",
+                         "a LoraWeight (rank 3, alpha 3"),
+        "the trainable half of split": (lf.split(lp)[0], "'Dense_0/bias'", "an array leaf", "None"),
+        "a missing leaf": ({"Dense_0": lp["Dense_0"]}, "'Dense_1'", "a dict", "nothing"),
+    }
+
+
+MISMATCHES = ["the original params", "the variables dict", "another rank", "the trainable half of split",
+              "a missing leaf"]
+
+
+@pytest.mark.parametrize("case", MISMATCHES)
+def test_structure_error_names_the_first_differing_path_and_the_fix(case):
+    params, _, _ = _task()
+    lp = lf.lorafy(params, rank=2)
+    given, path, want, got = _mismatches(lp, params)[case]
+    tx = lf.optimizer(optax.sgd(0.1), lp)
+    for call in (lambda: tx.init(given), lambda: tx.update(given, tx.init(lp), lp)):
+        with pytest.raises(lf.StructureError) as info:
+            call()
+        msg = str(info.value)
+        assert f"at {path} the optimizer's tree has {want}" in msg and got in msg, msg
+        assert "lf.optimizer(tx, lp)" in msg
+        assert "PyTreeDef" not in msg and len(msg) < 500
+
+
+# ----------------------------------------------------------------- wrappers go inside
+def _bits(tree):
+    return [np.asarray(x).view(np.uint32) for x in jax.tree.leaves(tree)]
+
+
+def test_multisteps_inside_keeps_frozen_negative_zeros_and_accumulates_like_plain_optax():
+    k = 3
+    w = jnp.arange(12.0).reshape(4, 3).at[0, 0].set(-0.0)
+    params = {"w": w, "bias": jnp.array([-0.0, 0.0, 1.0])}
+    lp = lf.lorafy(params, rank=2, key=jax.random.key(1))
+    tx = lf.optimizer(optax.MultiSteps(optax.adam(0.1), every_k_schedule=k), lp)
+    # reference: the same MultiSteps on the adapters alone, no lorax_fn wrapper
+    ref_tx = optax.MultiSteps(optax.adam(0.1), every_k_schedule=k)
+    ref = lf.split(lp)[0]
+    state, ref_state = tx.init(lp), ref_tx.init(ref)
+    update, ref_update = jax.jit(tx.update), jax.jit(ref_tx.update)
+    for i in range(2 * k + 1):
+        grads = jax.tree.map(lambda x: jnp.full_like(x, 0.5 + i), lp)
+        updates, state = update(grads, state, lp)
+        lp = optax.apply_updates(lp, updates)
+        ref_updates, ref_state = ref_update(lf.split(grads)[0], ref_state, ref)
+        ref = optax.apply_updates(ref, ref_updates)
+        # bit for bit, -0.0 included (== would call -0.0 and 0.0 equal)
+        for got, want in zip(_bits(lf.base(lp)), _bits(params)):
+            np.testing.assert_array_equal(got, want)
+        for got, want in zip(_bits(lf.split(lp)[0]), _bits(ref)):
+            np.testing.assert_array_equal(got, want)
+    assert np.signbit(lp["w"].w[0, 0]) and np.signbit(lp["bias"][0])
+    assert not np.array_equal(lp["w"].b, np.zeros((2, 3)))   # the adapters did move

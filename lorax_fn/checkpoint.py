@@ -55,7 +55,7 @@ def committed_dir(directory: str | os.PathLike) -> Path:
     atomic-rename saves by older Orbax versions (which this package
     supports) carry none, and Orbax itself reads those as finished.
     """
-    path = Path(directory).expanduser().absolute()
+    path = _absolute(directory)  # as the saves spell it, so 'link/..' names the same directory on both sides
     if path.is_dir():
         return path
     new, old = path.with_name(path.name + NEW_SUFFIX), path.with_name(path.name + OLD_SUFFIX)

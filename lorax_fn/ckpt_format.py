@@ -120,7 +120,7 @@ def describe(tree: Any, trainable: Targets = None, metadata: Mapping[str, Any] |
     """
     from . import __version__
 
-    extra = _matcher(trainable)
+    extra = _matcher(trainable, "trainable")
     flat, _ = leaves_with_paths(tree, is_leaf=is_lora)
     arrays, adapters, full, seen = {}, [], [], set()
     for path, leaf in flat:

@@ -180,7 +180,8 @@ def cmd_merge(args: argparse.Namespace) -> int:
                                 "float16")
     adapters_dir, _ = _adapter_dir(Path(args.adapters).expanduser().absolute())
     base_dir = committed_dir(args.base)
-    out_dir = Path(args.out).expanduser().resolve()  # resolve: '..' and symlinks must not hide an overlap
+    # the path save_merged writes ('..' taken lexically), then resolved: links must not hide an overlap
+    out_dir = _absolute(args.out).resolve()
     for src, what in ((base_dir, "--base"), (adapters_dir, "--adapters")):
         # --overwrite deletes --out before writing: it must not be (or contain, or lie inside) an input
         src = src.resolve()

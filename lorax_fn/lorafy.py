@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import difflib
 import math
+import operator
 import re
 import warnings
 from typing import Any, Callable, Mapping, Sequence, Union
@@ -25,12 +26,17 @@ INITS = ("kaiming", "gaussian")
 
 def _compile(spec: Targets, name: str) -> list[re.Pattern]:
     """The patterns of a ``targets``-like argument, each checked: a TargetError names the argument."""
-    pats = [spec] if isinstance(spec, str) else spec
-    if not isinstance(pats, (list, tuple)):
+    pats = [spec] if isinstance(spec, (str, re.Pattern)) else spec
+    try:
+        pats = list(pats)
+    except TypeError:
         raise TargetError(f"{name} must be a regex string, a list of them, or a predicate(path, leaf); got "
-                          f"{type(spec).__name__} {spec!r}")
+                          f"{type(spec).__name__} {spec!r}") from None
     compiled = []
     for p in pats:
+        if isinstance(p, re.Pattern):
+            compiled.append(p)
+            continue
         if not isinstance(p, str):
             raise TargetError(f"{name} must hold regex strings; got {type(p).__name__} {p!r} in {spec!r}")
         try:
@@ -56,8 +62,8 @@ def _partial_hint(spec: Targets, paths: list[str]) -> str:
     """A suggestion when a pattern matches nothing in full but occurs inside some paths (``kernel`` → ``.*kernel``)."""
     if spec is None or callable(spec):
         return ""
-    pats = [spec] if isinstance(spec, str) else list(spec)
-    for p in pats:
+    pats = [spec] if isinstance(spec, (str, re.Pattern)) else list(spec)
+    for p in (getattr(p, "pattern", p) for p in pats):
         inside = [q for q in paths if re.search(p, q)]
         if inside:
             fix = f".*{p}" if any(re.fullmatch(f".*{p}", q) for q in inside) else f".*{p}.*"
@@ -88,8 +94,12 @@ def _check_key(key: Any) -> Any:
 
 
 def _check_rank(rank: Any) -> int:
-    if isinstance(rank, bool) or not isinstance(rank, (int, np.integer)):
+    if isinstance(rank, bool) or getattr(rank, "dtype", None) == np.bool_:
         raise RankError(f"rank must be a positive integer, got {type(rank).__name__} {rank!r}")
+    try:
+        rank = operator.index(rank)  # int, NumPy and 0-d JAX integers; never a float such as 2.0
+    except TypeError:
+        raise RankError(f"rank must be a positive integer, got {type(rank).__name__} {rank!r}") from None
     if rank < 1:
         raise RankError(f"rank must be a positive integer, got {rank!r}")
     return int(rank)
@@ -319,7 +329,7 @@ def lorafy(
     if skip is not None and not excluded:
         warnings.warn(f"exclude={exclude!r} matched no leaf, so nothing was excluded; nearest paths: "
                       f"{_nearest(exclude, paths)}{_partial_hint(exclude, paths)}", UserWarning, stacklevel=2)
-    if not chosen:
+    if not chosen and not any(is_lora(leaf) for _, leaf in flat):  # adapters already there still train
         warnings.warn(_why_nothing(rank, too_small, fn, seen), NoAdapterWarning, stacklevel=2)
     elif too_small:
         warnings.warn("lorafy left these default targets dense: " + "; ".join(too_small)

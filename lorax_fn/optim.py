@@ -17,7 +17,7 @@ from .weight import LoraWeight, is_lora
 
 def _labels(tree: Any, trainable: Targets) -> Any:
     """True for every leaf that trains: ``a``, ``b`` and leaves matched by ``trainable``."""
-    extra = _matcher(trainable)
+    extra = _matcher(trainable, "trainable")
     flat, treedef = leaves_with_paths(tree, is_leaf=is_lora)
     out = []
     for path, leaf in flat:

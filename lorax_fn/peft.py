@@ -412,8 +412,8 @@ def _regular_file(path: Path, directory: Path, what: str) -> Path:
     """The file to read for ``path``: itself when it is a regular file; CheckpointError when it is missing, not a
     regular file, or a symbolic link (it could point anywhere).
 
-    The one link followed is the Hugging Face cache's own layout, ``<repo>/snapshots/<rev>/<file>`` →
-    ``<repo>/blobs/<hash>``, so ``load_peft(snapshot_download(...), ...)`` works; the blob is returned.
+    The one kind of link followed is the Hugging Face cache's own, to ``<cache>/models--…/blobs/<hash>`` (what
+    ``snapshot_download`` and older ``local_dir=`` downloads make), so those directories load; the blob is returned.
     """
     try:
         st = os.lstat(path)
@@ -424,7 +424,7 @@ def _regular_file(path: Path, directory: Path, what: str) -> Path:
     except OSError as err:
         raise CheckpointError(f"cannot read '{path}': {err}") from err
     if stat.S_ISLNK(st.st_mode):
-        blob = _cache_blob(path, directory)
+        blob = _cache_blob(path)
         if blob is not None:
             return blob
         raise CheckpointError(f"'{path}' is a symbolic link; load_peft reads only regular files in the adapter "
@@ -434,16 +434,18 @@ def _regular_file(path: Path, directory: Path, what: str) -> Path:
     return path
 
 
-def _cache_blob(link: Path, directory: Path) -> Path | None:
-    """The blob a Hugging Face cache snapshot's link points to, if it is a regular file in that repo's ``blobs``."""
-    if directory.parent.name != "snapshots":
-        return None
-    blobs = os.path.realpath(directory.parent.parent / "blobs")
-    target = os.path.realpath(link)
-    if os.path.dirname(target) != blobs:
+def _cache_blob(link: Path) -> Path | None:
+    """The file a link points to if it is a blob of the Hugging Face cache, else None.
+
+    The cache keeps each file once, as ``<cache>/models--<org>--<name>/blobs/<hash>``; snapshot folders and
+    older ``local_dir=`` downloads hold links to those blobs.
+    """
+    target = Path(os.path.realpath(link))
+    blobs = target.parent
+    if blobs.name != "blobs" or not blobs.parent.name.startswith(("models--", "datasets--", "spaces--")):
         return None
     try:
-        return Path(target) if stat.S_ISREG(os.lstat(target).st_mode) else None
+        return target if stat.S_ISREG(os.lstat(target).st_mode) else None
     except OSError:
         return None
 

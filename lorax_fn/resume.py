@@ -15,6 +15,7 @@ Steps saved before the section existed restore without that check.
 from __future__ import annotations
 
 import os
+import re
 from pathlib import Path
 from typing import Any, Mapping, NamedTuple
 
@@ -32,6 +33,8 @@ from .paths import leaves_with_paths
 from .weight import is_lora
 
 TRAIN = "train"
+# what Orbax names a step's directory, committed or being written (other files in the run directory are the user's)
+_STEP_NAME = re.compile(r"[0-9]+(\.orbax-checkpoint-tmp.*)?")
 # Orbax raises this when a step directory exists; older versions may lack the class
 _STEP_EXISTS = getattr(_ocm, "StepAlreadyExistsError", ())
 
@@ -83,7 +86,17 @@ def _record(item: dict) -> dict:
     an async save cannot make the record disagree with what Orbax copied then.
     """
     flat, _ = leaves_with_paths(_others(item))
-    return {"step": int(item["step"]), "arrays": [{"path": p, **fmt._array_spec(x)} for p, x in flat]}
+    return {"step": int(item["step"]), "arrays": [{"path": p, **_spec(x)} for p, x in flat]}
+
+
+def _is_key(x: Any) -> bool:
+    return jax.dtypes.issubdtype(getattr(x, "dtype", None), jax.dtypes.prng_key)
+
+
+def _spec(x: Any) -> dict:
+    """Shape, dtype and CRC-32 of one train-item array; a typed PRNG key (``noisy_sgd`` keeps one) by its key data,
+    which is also how Orbax's abstract templates describe it."""
+    return fmt._array_spec(jax.random.key_data(x) if _is_key(x) else x)
 
 
 def _targets(abstract: dict, record: dict | None, where: str) -> dict:
@@ -107,7 +120,7 @@ def _targets(abstract: dict, record: dict | None, where: str) -> dict:
             f"it was saved with, e.g. tx.init(tree) of the same optimizer?): {len(saved)} arrays saved, "
             f"{len(given)} in the templates; first difference: saved {first[0]}, template {first[1]}")
     leaves = [jax.ShapeDtypeStruct(x.shape, jnp.dtype(e["dtype"]), sharding=x.sharding)
-              if isinstance(x, jax.ShapeDtypeStruct) else x for (_, x), e in zip(flat, specs)]
+              if isinstance(x, jax.ShapeDtypeStruct) and not _is_key(x) else x for (_, x), e in zip(flat, specs)]
     return {**jax.tree_util.tree_unflatten(treedef, leaves), "step": abstract["step"]}
 
 
@@ -131,7 +144,7 @@ def _check_train(train: dict, record: dict | None, step: int, where: str) -> Non
         raise CheckpointError(f"{where}: read arrays {paths[:4]} but the step's config records "
                               f"{[e['path'] for e in specs][:4]}; the train item is damaged or mixed up")
     for (path, x), spec in zip(flat, specs):
-        have = fmt._array_spec(x)
+        have = _spec(x)
         if (have["shape"], have["dtype"]) != (spec["shape"], spec["dtype"]):
             raise CheckpointError(f"{where}: '{path}' was read as {have['dtype']}{tuple(have['shape'])}, the "
                                   f"step's config records {spec['dtype']}{tuple(spec['shape'])}")
@@ -146,6 +159,8 @@ def _cast(train: dict, abstract: dict) -> dict:
     """The restored arrays in the template's dtypes (they were read as written, to check them)."""
     def cast(x, t):
         dt = getattr(t, "dtype", None)
+        if _is_key(x) or _is_key(t):  # Orbax restores a typed key as it was saved; keys have no astype
+            return x
         return x.astype(dt) if dt is not None and hasattr(x, "astype") and x.dtype != dt else x
 
     return {**jax.tree.map(cast, _others(train), _others(abstract)), "step": train["step"]}
@@ -276,8 +291,7 @@ class AdapterCheckpointManager:
         if not self.directory.is_dir():
             return
         for entry in os.scandir(self.directory):
-            step = entry.name.split(".", 1)[0]
-            if step.isdigit() and (entry.is_symlink() or not entry.is_dir(follow_symlinks=False)):
+            if _STEP_NAME.fullmatch(entry.name) and (entry.is_symlink() or not entry.is_dir(follow_symlinks=False)):
                 raise CheckpointError(f"'{entry.path}' is {'a symbolic link' if entry.is_symlink() else 'a file'} "
                                       "under a step's name in the checkpoint directory; lorax_fn never saves "
                                       "through links or over files: move it away")

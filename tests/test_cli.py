@@ -225,3 +225,12 @@ def test_inspect_peft_config_nested_too_deeply_is_a_one_line_error(tmp_path, cap
     assert cli.main(["inspect", str(d)]) == 1
     err = capsys.readouterr().err
     assert err.startswith("error: cannot read") and "nested too deeply" in err and err.count("\n") == 1
+
+
+def test_merge_out_through_a_link_and_dotdot_cannot_reach_the_base(base_ckpt, tmp_path, capsys, monkeypatch):
+    # 'link/..' is tmp_path when read lexically (as the save writes it), but elsewhere when the OS follows it
+    (tmp_path / "real" / "sub").mkdir(parents=True)
+    (tmp_path / "link").symlink_to(tmp_path / "real" / "sub", target_is_directory=True)
+    monkeypatch.chdir(tmp_path)
+    assert cli.main([*base_ckpt, "--out", "link/../base", "--overwrite"]) == 1
+    assert "overlaps --base" in capsys.readouterr().err

@@ -1,6 +1,7 @@
 """lorafy: targets, default rule, inferred layouts, init statistics and bad input."""
 
 import math
+import re
 
 import jax
 import jax.numpy as jnp
@@ -309,3 +310,18 @@ def test_fn_that_ignores_its_argument_warns_that_nothing_trains():
 def test_tree_without_matrices_warns_that_nothing_trains():
     with pytest.warns(lf.NoAdapterWarning, match="no floating-point leaf of ndim >= 2"):
         lf.lorafy({"bias": jnp.zeros(3), "step": jnp.zeros((3, 3), jnp.int32)})
+
+
+def test_lorafy_of_a_lorafied_tree_does_not_warn(recwarn):
+    lp = lf.lorafy(_params(), rank=2)
+    again = lf.lorafy(lp, rank=2)
+    assert _targets(again) == _targets(lp) and not [w for w in recwarn if w.category is lf.NoAdapterWarning]
+
+
+@pytest.mark.parametrize("targets", [[re.compile(r".*dense/kernel")], {r".*dense/kernel"}])
+def test_targets_may_be_compiled_patterns_or_any_iterable(targets):
+    assert _targets(lf.lorafy(_params(), rank=2, targets=targets)) == ["encoder/dense/kernel"]
+
+
+def test_rank_may_be_a_jax_integer_scalar():
+    assert lf.lorafy(_params(), rank=jnp.int32(2), targets="head/kernel")["head"]["kernel"].rank == 2

@@ -536,7 +536,7 @@ def test_links_in_the_adapter_directory_are_not_read(tmp_path, name):
 
 def test_a_hugging_face_cache_snapshot_is_read_through_its_blob_links(tmp_path):
     # snapshot_download's layout: <repo>/snapshots/<rev>/<file> -> ../../blobs/<hash>
-    repo = tmp_path / "models--someone--adapter"
+    repo = tmp_path / "hub" / "models--someone--adapter"
     src = _write_peft(tmp_path / "src", _fc_tensors(), _config())
     (repo / "blobs").mkdir(parents=True)
     snap = repo / "snapshots" / "0123abc"
@@ -546,6 +546,8 @@ def test_a_hugging_face_cache_snapshot_is_read_through_its_blob_links(tmp_path):
         (snap / name).symlink_to(Path("..") / ".." / "blobs" / f"hash{i}")
     got = lf.load_peft(snap, FC)["fc"]["kernel"]
     assert got.rank == 2
+    (tmp_path / "my_adapter").symlink_to(snap, target_is_directory=True)  # a link to the snapshot folder
+    assert lf.load_peft(tmp_path / "my_adapter", FC)["fc"]["kernel"].rank == 2
     # a link in a snapshot folder that leaves its repo's blobs is still refused
     outside = tmp_path / "outside.json"
     (repo / "blobs" / "hash0").rename(outside)

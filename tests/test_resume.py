@@ -408,3 +408,28 @@ def test_save_refuses_a_link_under_a_step_name(tmp_path, name):
         with pytest.raises(lf.CheckpointError, match="symbolic link"):  # today: a raw OSError from rmtree
             ckpt.save(2, lp)
     assert [p.name for p in outside.iterdir()] == ["keep.txt"] and (tmp_path / "run" / name).is_symlink()
+
+
+def test_an_optimizer_state_holding_a_typed_key_saves_checks_and_restores(tmp_path):
+    lp = lf.lorafy({"w": jnp.ones((4, 3))}, rank=2)
+    tx = lf.optimizer(optax.add_noise(0.01, 0.55, 0), lp)  # its state holds a typed PRNG key
+    state = tx.init(lp)
+    with lf.AdapterCheckpointManager(tmp_path / "run", async_save=False) as ckpt:
+        ckpt.save(1, lp, state)
+        got = ckpt.restore(lp, tx.init(lp)).opt_state
+        config = lf.read_adapter_config(ckpt.step_directory(1))
+    key = lambda s: s.inner_states["train"].inner_state.rng_key  # noqa: E731
+    assert jax.dtypes.issubdtype(key(got).dtype, jax.dtypes.prng_key)
+    np.testing.assert_array_equal(jax.random.key_data(key(got)), jax.random.key_data(key(state)))
+    rec = {e["path"]: e for e in config["train"]["arrays"]}
+    kd = np.asarray(jax.random.key_data(key(state)))
+    assert rec["opt_state/inner_states/train/inner_state/rng_key"]["crc32"] == zlib.crc32(kd.tobytes())
+
+
+def test_user_files_next_to_the_steps_do_not_stop_a_save(tmp_path):
+    (tmp_path / "run").mkdir()
+    (tmp_path / "run" / "1.log").write_text("mine")
+    lp = lf.lorafy({"w": jnp.ones((4, 3))}, rank=2)
+    with lf.AdapterCheckpointManager(tmp_path / "run", async_save=False) as ckpt:
+        assert ckpt.save(1, lp)
+    assert (tmp_path / "run" / "1.log").read_text() == "mine"

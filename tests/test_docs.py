@@ -172,7 +172,8 @@ def repository_text_files() -> list[Path]:
 
 
 # hosts of links that were checked to lead where the text says; add one only after checking
-CHECKED_HOSTS = {"docs.jax.dev", "orbax.readthedocs.io", "huggingface.co"}
+CHECKED_HOSTS = {"docs.jax.dev", "orbax.readthedocs.io", "huggingface.co",
+                 "www.apache.org"}  # the last in LICENSE, the standard Apache-2.0 text
 URL = re.compile(r"https?://([A-Za-z0-9.-]+)[^\s\"'`)>\]]*")
 
 
@@ -205,6 +206,8 @@ def test_package_metadata():
     assert build["requires"] == ["setuptools>=77"]
     assert meta["authors"] == [{"name": "lorax_fn developers"}]
     assert "urls" not in meta                # there is no public URL to give yet
+    # the license the metadata names ships with the source (setuptools adds LICENSE* to the wheel)
+    assert "Apache License" in (ROOT / "LICENSE").read_text()
     for dep in meta["dependencies"]:
         assert re.search(r"(>=|==|~=)", dep), f"{dep} has no lower bound"
     assert (ROOT / "lorax_fn" / "py.typed").is_file()

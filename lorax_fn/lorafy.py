@@ -93,31 +93,57 @@ def _check_key(key: Any) -> Any:
                                                    if dtype == jnp.uint32 else ""))
 
 
-def _check_rank(rank: Any) -> int:
+def _check_rank(rank: Any, name: str = "rank") -> int:
     if isinstance(rank, bool) or getattr(rank, "dtype", None) == np.bool_:
-        raise RankError(f"rank must be a positive integer, got {type(rank).__name__} {rank!r}")
+        raise RankError(f"{name} must be a positive integer, got {type(rank).__name__} {rank!r}")
     try:
         rank = operator.index(rank)  # int, NumPy and 0-d JAX integers; never a float such as 2.0
     except TypeError:
-        raise RankError(f"rank must be a positive integer, got {type(rank).__name__} {rank!r}") from None
+        raise RankError(f"{name} must be a positive integer, got {type(rank).__name__} {rank!r}") from None
     if rank < 1:
-        raise RankError(f"rank must be a positive integer, got {rank!r}")
+        raise RankError(f"{name} must be a positive integer, got {rank!r}")
     return int(rank)
 
 
-def _check_alpha(alpha: Any, rank: int) -> float:
-    if alpha is None:
+def _check_alpha(alpha: Any, rank: int, name: str = "alpha") -> float:
+    if alpha is None and name == "alpha":
         return float(rank)
     if isinstance(alpha, (bool, str)):
-        raise ArgumentError(f"alpha must be a finite number > 0, got {type(alpha).__name__} {alpha!r}")
+        raise ArgumentError(f"{name} must be a finite number > 0, got {type(alpha).__name__} {alpha!r}")
     try:
         value = float(alpha)
     except (TypeError, ValueError, jax.errors.ConcretizationTypeError):
-        raise ArgumentError(f"alpha must be a finite number > 0, got {type(alpha).__name__} {alpha!r}") from None
+        raise ArgumentError(f"{name} must be a finite number > 0, got {type(alpha).__name__} {alpha!r}") from None
     if not math.isfinite(value) or value <= 0:
         # saving would succeed and loading refuse: a run that cannot be resumed
-        raise ArgumentError(f"alpha must be a finite number > 0, got {alpha!r}")
+        raise ArgumentError(f"{name} must be a finite number > 0, got {alpha!r}")
     return value
+
+
+class _Patterns:
+    """A ``{path_regex: value}`` override table (``rank_pattern``/``alpha_pattern``): first full match wins."""
+
+    def __init__(self, name: str, table: Mapping[str, Any] | None, check: Callable[[Any, str], Any]):
+        if table is not None and not isinstance(table, Mapping):
+            raise TargetError(f"{name} must be a dict {{path_regex: value}}, got {type(table).__name__}")
+        self.name = name
+        self.rows = [(k, _compile(k, f"{name} key")[0], check(v, k)) for k, v in (table or {}).items()]
+
+    def lookup(self, path: str, default: Any) -> tuple[Any, bool]:
+        """``(value, whether a key gave it)`` for one path."""
+        for _, rx, value in self.rows:
+            if rx.fullmatch(path):
+                return value, True
+        return default, False
+
+    def check_used(self, paths: list[str]) -> None:
+        """TargetError for a key that matches none of the adapted ``paths`` (one shadowed by an earlier key is fine)."""
+        unused = [k for k, rx, _ in self.rows if not any(rx.fullmatch(p) for p in paths)]
+        if unused:
+            # a key that selects nothing is a typo, not a no-op: the weight it meant keeps the global value
+            raise TargetError(f"{self.name} key {unused[0]!r} matched no adapted leaf (keys are full-match "
+                              f"regexes on '/'-joined paths); adapted paths: {_nearest(unused[0], paths)}"
+                              f"{_partial_hint(unused[0], paths)}")
 
 
 def _check_dtype(dtype: Any) -> Any:
@@ -202,6 +228,8 @@ def lorafy(
     layout: LayoutSpec = None,
     rslora: bool = False,
     dtype: Any = None,
+    rank_pattern: Mapping[str, int] | None = None,
+    alpha_pattern: Mapping[str, float] | None = None,
 ) -> Any:
     """Replace target weights of ``params`` by :class:`LoraWeight` (frozen base + ``a``, ``b``).
 
@@ -229,6 +257,12 @@ def lorafy(
         ``(stack, in, out)`` tuple) for every target, a ``{regex: layout}`` dict,
         or ``layout(path, leaf)`` returning one or ``None``.
       rslora: use the rsLoRA scale ``alpha / sqrt(r)``.
+      rank_pattern: ``{path_regex: rank}`` overriding ``rank`` for the paths a
+        key matches in full (the first matching key wins, as in PEFT). A
+        target whose pattern rank exceeds its dimensions is a ``RankError``.
+      alpha_pattern: ``{path_regex: alpha}`` overriding ``alpha`` likewise.
+        Without ``alpha`` or a matching ``alpha_pattern`` key, each weight's
+        alpha is its own rank (scale 1).
       dtype: dtype of ``a`` and ``b`` (default: the base weight's). Pass
         ``jnp.float32`` to train float32 adapters on a bfloat16 base, as PEFT's
         ``autocast_adapter_dtype`` does; ``merge`` still returns the base dtype.
@@ -238,6 +272,8 @@ def lorafy(
       ``merge`` of it equals ``params`` bit for bit (``b = 0``).
 
     Raises:
+      TargetError: a ``rank_pattern``/``alpha_pattern`` key matched no adapted
+        leaf, or is not a valid regex.
       TargetError: ``targets`` matched nothing (the message lists near paths,
         and suggests ``.*kernel`` for ``kernel``), or ``targets``/``exclude``
         is not a valid regex, list of regexes or predicate.
@@ -266,7 +302,9 @@ def lorafy(
     if init not in INITS:
         raise ArgumentError(f"init must be one of {INITS}, got {init!r}")
     rank = _check_rank(rank)
-    alpha = _check_alpha(alpha, rank)
+    alpha = None if alpha is None else _check_alpha(alpha, rank)
+    ranks = _Patterns("rank_pattern", rank_pattern, lambda v, k: _check_rank(v, f"rank_pattern[{k!r}]"))
+    alphas = _Patterns("alpha_pattern", alpha_pattern, lambda v, k: _check_alpha(v, 1, f"alpha_pattern[{k!r}]"))
     dtype = _check_dtype(dtype)
     key = _check_key(key)
     flat, treedef = leaves_with_paths(params, is_leaf=is_lora)
@@ -314,14 +352,16 @@ def lorafy(
         lay = lay.check(tuple(leaf.shape), path)
         fan_in = math.prod(leaf.shape[k] for k in lay.inputs)
         fan_out = math.prod(leaf.shape[k] for k in lay.outputs)
-        if rank > min(fan_in, fan_out):
-            msg = (f"rank {rank} exceeds the factorised dims of '{path}' (shape "
+        r, from_pattern = ranks.lookup(path, rank)
+        if r > min(fan_in, fan_out):
+            msg = (f"rank {r} exceeds the factorised dims of '{path}' (shape "
                    f"{tuple(leaf.shape)}: in {fan_in}, out {fan_out})")
-            if want is not None:
-                raise RankError(msg)
+            if want is not None or from_pattern:
+                raise RankError(msg + (" (from rank_pattern)" if from_pattern else ""))
             too_small.append(msg)
             continue
-        chosen.append((i, path, leaf, lay, fan_in))
+        al, _ = alphas.lookup(path, float(r) if alpha is None else alpha)
+        chosen.append((i, path, leaf, lay, fan_in, r, al))
 
     if want is not None and not chosen:
         raise TargetError(f"targets={targets!r} matched no adaptable leaf; nearest paths: "
@@ -329,13 +369,15 @@ def lorafy(
     if skip is not None and not excluded:
         warnings.warn(f"exclude={exclude!r} matched no leaf, so nothing was excluded; nearest paths: "
                       f"{_nearest(exclude, paths)}{_partial_hint(exclude, paths)}", UserWarning, stacklevel=2)
+    for table in (ranks, alphas):
+        table.check_used([p for _, p, *_ in chosen])
     if not chosen and not any(is_lora(leaf) for _, leaf in flat):  # adapters already there still train
         warnings.warn(_why_nothing(rank, too_small, fn, seen), NoAdapterWarning, stacklevel=2)
     elif too_small:
         warnings.warn("lorafy left these default targets dense: " + "; ".join(too_small)
                       + ". Pass `targets` to choose leaves explicitly.", stacklevel=2)
     new = [leaf for _, leaf in flat]
-    for n, (i, path, leaf, lay, fan_in) in enumerate(chosen):
+    for n, (i, path, leaf, lay, fan_in, rank, alpha) in enumerate(chosen):
         sa, sb = factor_shapes(tuple(leaf.shape), lay, rank)
         a, b = _init_factors(jax.random.fold_in(key, n), sa, sb, fan_in, rank,
                              leaf.dtype if dtype is None else dtype, init)

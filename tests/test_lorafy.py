@@ -325,3 +325,61 @@ def test_targets_may_be_compiled_patterns_or_any_iterable(targets):
 
 def test_rank_may_be_a_jax_integer_scalar():
     assert lf.lorafy(_params(), rank=jnp.int32(2), targets="head/kernel")["head"]["kernel"].rank == 2
+
+
+# ------------------------------------------------------------------ rank_pattern / alpha_pattern
+def test_rank_and_alpha_patterns_override_per_path_first_match_wins():
+    lp = lf.lorafy(_params(), rank=2, alpha=4,
+                   rank_pattern={r"encoder/.*": 3, r"encoder/layers/.*": 5, r"head/kernel": 1},
+                   alpha_pattern={r".*layers.*": 10})
+    got = {p: (lp_leaf.rank, lp_leaf.alpha) for p, lp_leaf in [
+        ("dense", lp["encoder"]["dense"]["kernel"]), ("layers", lp["encoder"]["layers"][0]["kernel"]),
+        ("head", lp["head"]["kernel"])]}
+    # 'encoder/.*' comes first, so it wins for encoder/layers too
+    assert got == {"dense": (3, 4.0), "layers": (3, 10.0), "head": (1, 4.0)}
+    assert lp["encoder"]["dense"]["kernel"].a.shape == (8, 3) and lp["head"]["kernel"].b.shape == (1, 4)
+
+
+def test_patterns_without_alpha_keep_scale_one():
+    lp = lf.lorafy(_params(), rank=2, rank_pattern={r"head/kernel": 4})
+    assert lp["head"]["kernel"].scale == 1.0 and lp["encoder"]["dense"]["kernel"].scale == 1.0
+
+
+def test_pattern_ranks_compute_the_dense_update():
+    rng = np.random.default_rng(0)
+    lp = lf.lorafy(_params(), rank=2, alpha=6, rank_pattern={r"head/kernel": 3})
+    lw = lp["head"]["kernel"]
+    lw = lw.replace(b=jnp.asarray(rng.standard_normal(lw.b.shape), jnp.float32))
+    want = np.asarray(lw.w, np.float64) + (6 / 3) * np.asarray(lw.a, np.float64) @ np.asarray(lw.b, np.float64)
+    x = jnp.asarray(rng.standard_normal((5, 16)), jnp.float32)
+    np.testing.assert_allclose(lf.lora(lambda w, x: x @ w)(lw, x), np.asarray(x, np.float64) @ want,
+                               rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("kw, match", [
+    (dict(rank_pattern={r"head/kernal": 2}), "rank_pattern key 'head/kernal' matched no adapted leaf"),
+    (dict(alpha_pattern={r"kernel": 2}), "alpha_pattern key 'kernel' matched no adapted leaf.*'\\.\\*kernel'"),
+    (dict(rank_pattern={r"*kernel": 2}), "not a valid regular expression"),
+    (dict(rank_pattern=[("head/kernel", 2)]), "rank_pattern must be a dict"),
+])
+def test_pattern_keys_that_select_nothing_or_are_malformed(kw, match):
+    with pytest.raises(lf.TargetError, match=match):
+        lf.lorafy(_params(), rank=2, **kw)
+
+
+@pytest.mark.parametrize("kw, err, match", [
+    (dict(rank_pattern={r"head/kernel": 2.5}), lf.RankError, "rank_pattern\\['head/kernel'\\]"),
+    (dict(rank_pattern={r"head/kernel": 9}), lf.RankError, "'head/kernel'.*from rank_pattern"),
+    (dict(alpha_pattern={r"head/kernel": float("nan")}), lf.ArgumentError, "alpha_pattern\\['head/kernel'\\]"),
+    (dict(alpha_pattern={r"head/kernel": None}), lf.ArgumentError, "alpha_pattern\\['head/kernel'\\]"),
+])
+def test_pattern_values_are_checked_like_the_arguments(kw, err, match):
+    with pytest.raises(err, match=match):
+        lf.lorafy(_params(), rank=2, **kw)
+
+
+def test_pattern_ranks_round_trip_through_a_checkpoint(tmp_path):
+    lp = lf.lorafy(_params(), rank=2, rank_pattern={r"head/kernel": 3}, alpha_pattern={r"head/kernel": 7})
+    back = lf.load_adapters(lf.save_adapters(tmp_path / "ad", lp), _params())
+    assert (back["head"]["kernel"].rank, back["head"]["kernel"].alpha) == (3, 7.0)
+    assert back["encoder"]["dense"]["kernel"].rank == 2

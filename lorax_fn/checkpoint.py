@@ -111,6 +111,17 @@ def written_by_lorax(path: Path) -> bool:
         ck.close()
 
 
+def parent_is_dir(path: Path) -> None:
+    """CheckpointError unless the nearest existing ancestor of ``path`` is a directory (so Orbax can create it)."""
+    for parent in path.parents:
+        if _lexists(parent):
+            if parent.is_symlink() and not parent.exists():
+                raise CheckpointError(f"cannot write '{path}': '{parent}' is a symbolic link to nothing")
+            if not parent.is_dir():
+                raise CheckpointError(f"cannot write '{path}': '{parent}' is a file, not a directory")
+            return
+
+
 def check_destination(path: Path, overwrite: bool, flag: str = "overwrite=True") -> None:
     """Refuse, before anything is written, a destination a save could not use safely.
 
@@ -121,11 +132,7 @@ def check_destination(path: Path, overwrite: bool, flag: str = "overwrite=True")
     only ever replaces those). ``flag`` is how the caller spells the overwrite
     option in messages (the CLI says ``--overwrite``).
     """
-    for parent in path.parents:
-        if _lexists(parent):
-            if not parent.is_dir():
-                raise CheckpointError(f"cannot write '{path}': '{parent}' is a file, not a directory")
-            break
+    parent_is_dir(path)
     new, old = path.with_name(path.name + NEW_SUFFIX), path.with_name(path.name + OLD_SUFFIX)
     tmps = [t for n in (path, new) for t in path.parent.glob(glob.escape(n.name) + ".orbax-checkpoint-tmp*")] \
         if path.parent.is_dir() else []
@@ -144,7 +151,8 @@ def check_destination(path: Path, overwrite: bool, flag: str = "overwrite=True")
         raise CheckpointError(f"'{path}' is a file, not a checkpoint directory; {flag} only replaces "
                               "checkpoints written by lorax_fn, so it was left untouched")
     if not written_by_lorax(path):
-        raise CheckpointError(f"'{path}' is not a checkpoint written by lorax_fn (it has no lorax_fn metadata); "
+        raise CheckpointError(f"'{path}' is not a checkpoint written by lorax_fn (it has no lorax_fn metadata; "
+                              "merged checkpoints saved before lorax_fn marked them have none either); "
                               f"{flag} only replaces those, so it was left untouched: remove it yourself or "
                               "save somewhere else")
 

@@ -26,6 +26,7 @@ import orbax.checkpoint as ocp
 from orbax.checkpoint import checkpoint_manager as _ocm
 
 from . import ckpt_format as fmt
+from .checkpoint import parent_is_dir
 from .ckpt_format import ARRAYS, CONFIG
 from .errors import CheckpointError
 from .lorafy import Targets
@@ -244,8 +245,10 @@ class AdapterCheckpointManager:
         options = ocp.CheckpointManagerOptions(max_to_keep=max_to_keep,
                                                should_save_fn=lambda step, last: step % interval == 0,
                                                enable_async_checkpointing=async_save, create=True)
+        path = Path(directory).expanduser().absolute()
+        parent_is_dir(path)  # Orbax would create it and fail on a file with a raw OSError
         self._mgr = ocp.CheckpointManager(
-            Path(directory).expanduser().absolute(), options=options,
+            path, options=options,
             item_handlers={ARRAYS: ocp.StandardCheckpointHandler(), CONFIG: ocp.JsonCheckpointHandler(),
                            TRAIN: ocp.StandardCheckpointHandler()})
 

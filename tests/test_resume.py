@@ -433,3 +433,12 @@ def test_user_files_next_to_the_steps_do_not_stop_a_save(tmp_path):
     with lf.AdapterCheckpointManager(tmp_path / "run", async_save=False) as ckpt:
         assert ckpt.save(1, lp)
     assert (tmp_path / "run" / "1.log").read_text() == "mine"
+
+
+def test_a_run_directory_under_a_file_is_a_checkpoint_error(tmp_path):
+    (tmp_path / "a_file").write_text("x")
+    with pytest.raises(lf.CheckpointError, match="'.*a_file' is a file, not a directory"):
+        lf.AdapterCheckpointManager(tmp_path / "a_file" / "run")
+    (tmp_path / "gone").symlink_to(tmp_path / "nowhere")
+    with pytest.raises(lf.CheckpointError, match="symbolic link to nothing"):
+        lf.AdapterCheckpointManager(tmp_path / "gone" / "run")

@@ -8,6 +8,7 @@ back for plain jitted inference.
 
 from .errors import (ArgumentError, CheckpointError, LayoutError, LoraError, MaterializationError,
                      MaterializationWarning, NoAdapterWarning, RankError, StructureError, TargetDtypeError, TargetError)
+from .inits import to_original_base
 from .interpret import Use
 from .lorafy import lorafy
 from .merge import adapters, attach, base, merge
@@ -24,7 +25,7 @@ __all__ = [  # the public API: everything else is internal
     "ArgumentError", "Explanation", "Layout", "LayoutError", "LoraError", "LoraWeight", "MaterializationError",
     "MaterializationWarning", "NoAdapterWarning", "RankError", "StructureError", "TargetDtypeError", "TargetError",
     "Use", "adapters", "attach", "base", "combine", "explain", "is_lora", "lora", "lorafy",
-    "merge", "optimizer", "split", "trainable_mask",
+    "merge", "optimizer", "split", "to_original_base", "trainable_mask",
     "AdapterCheckpointManager", "CheckpointError", "Restored", "load_adapters", "load_peft",
     "read_adapter_config", "save_adapters", "save_merged", "save_peft",
 ]

@@ -13,15 +13,14 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from . import infer
+from . import infer, inits
 from .errors import (ArgumentError, LayoutError, NoAdapterWarning, RankError, TargetDtypeError,
                      TargetError)
 from .paths import leaves_with_paths
-from .weight import Layout, LoraWeight, default_layout, factor_shapes, is_lora
+from .weight import Layout, LoraWeight, default_layout, is_lora
 
 Targets = Union[None, str, Sequence[str], Callable[[str, Any], bool]]
 LayoutSpec = Union[None, Layout, Sequence, Mapping[str, Any], Callable[[str, Any], Any]]
-INITS = ("kaiming", "gaussian")
 
 
 def _compile(spec: Targets, name: str) -> list[re.Pattern]:
@@ -204,17 +203,6 @@ def _why_nothing(rank: int, too_small: list[str], fn: Any, seen: dict | None) ->
             "to choose leaves explicitly.")
 
 
-def _init_factors(key, shape_a, shape_b, fan_in: int, rank: int, dtype, init: str):
-    if init == "kaiming":
-        # PEFT's default: kaiming_uniform(a=sqrt(5)) is U(-1/sqrt(fan_in), 1/sqrt(fan_in))
-        bound = 1.0 / math.sqrt(fan_in)
-        a = jax.random.uniform(key, shape_a, jnp.float32, -bound, bound)
-    else:
-        # the LoRA paper draws A Gaussian; std 1/r as PEFT's init_lora_weights="gaussian"
-        a = jax.random.normal(key, shape_a, jnp.float32) / rank
-    return a.astype(dtype), jnp.zeros(shape_b, dtype)
-
-
 def lorafy(
     params: Any,
     rank: int = 8,
@@ -251,8 +239,15 @@ def lorafy(
         traced abstractly to infer each weight's layout: contracted axes are
         ``in``, scanned or batch axes are ``stack``. Without it, the default
         rule: ``in`` = all axes but the last, ``out`` = the last.
-      init: ``"kaiming"`` (PEFT default: ``a ~ U(±1/sqrt(fan_in))``, ``b = 0``)
-        or ``"gaussian"`` (``a ~ N(0, 1/r²)``, ``b = 0``).
+      init: ``"kaiming"`` (PEFT default: ``a ~ U(±1/sqrt(fan_in))``, ``b = 0``),
+        ``"gaussian"`` (``a ~ N(0, 1/r²)``, ``b = 0``), ``"pissa"`` (the top
+        ``r`` singular directions of each weight into ``a``, ``b``; the frozen
+        base becomes the residual ``w − scale·a@b``), ``"pissa_niter_<k>"``
+        (the same from a randomised SVD with ``k`` subspace iterations: much
+        faster on large weights) or ``"olora"`` (from a QR decomposition).
+        With the last three ``merge`` gives back ``params`` up to float error,
+        not bit for bit; :func:`to_original_base` turns a trained tree back
+        into adapters on the original weights, for saving.
       layout: explicit layouts, overriding inference: a ``Layout`` (or
         ``(stack, in, out)`` tuple) for every target, a ``{regex: layout}`` dict,
         or ``layout(path, leaf)`` returning one or ``None``.
@@ -299,8 +294,9 @@ def lorafy(
         >>> lp["dense"]["kernel"]
         LoraWeight(shape=(16, 4), dtype=float32, rank=2, alpha=4, in=(0,), out=(1,))
     """
-    if init not in INITS:
-        raise ArgumentError(f"init must be one of {INITS}, got {init!r}")
+    why = inits.check(init)
+    if why is not None:
+        raise ArgumentError(why)
     rank = _check_rank(rank)
     alpha = None if alpha is None else _check_alpha(alpha, rank)
     ranks = _Patterns("rank_pattern", rank_pattern, lambda v, k: _check_rank(v, f"rank_pattern[{k!r}]"))
@@ -377,10 +373,13 @@ def lorafy(
         warnings.warn("lorafy left these default targets dense: " + "; ".join(too_small)
                       + ". Pass `targets` to choose leaves explicitly.", stacklevel=2)
     new = [leaf for _, leaf in flat]
+    variant = "rslora" if rslora else "lora"
     for n, (i, path, leaf, lay, fan_in, rank, alpha) in enumerate(chosen):
-        sa, sb = factor_shapes(tuple(leaf.shape), lay, rank)
-        a, b = _init_factors(jax.random.fold_in(key, n), sa, sb, fan_in, rank,
-                             leaf.dtype if dtype is None else dtype, init)
-        new[i] = LoraWeight(leaf, a, b, rank=rank, alpha=alpha, layout=lay,
-                            variant="rslora" if rslora else "lora")
+        k, adapter_dtype = jax.random.fold_in(key, n), leaf.dtype if dtype is None else dtype
+        if inits.rewrites_base(init):
+            scale = alpha / math.sqrt(rank) if rslora else alpha / rank
+            w, a, b = inits.from_weight(k, leaf, lay, rank, scale, adapter_dtype, init)
+        else:
+            w, (a, b) = leaf, inits.random_factors(k, leaf, lay, rank, adapter_dtype, init)
+        new[i] = LoraWeight(w, a, b, rank=rank, alpha=alpha, layout=lay, variant=variant)
     return jax.tree_util.tree_unflatten(treedef, new)

@@ -10,6 +10,8 @@ stays in force, while the matmuls inside stay low-rank.
 
 from __future__ import annotations
 
+import contextlib
+
 import jax
 from jax import lax
 
@@ -56,13 +58,19 @@ def _scan(ctx, eqn, invals):
             xs_in.append(v)
             metas.append(None)
 
+    # with dropout, each step (each layer of a scanned stack) draws its masks from its own key
+    keys = None if ctx.drop is None else jax.random.split(ctx.next_key(), p["length"])
+    rate = None if ctx.drop is None else ctx.drop[0]
+
     def body(carry, x):
+        x, key = x
         xv = [Lazy(*c, m) if m is not None else c for c, m in zip(x, metas)]
-        outs = run_closed(ctx, p["jaxpr"], list(consts) + list(carry) + xv, dense_outputs=True)
+        with ctx.dropping(rate, key) if key is not None else contextlib.nullcontext():
+            outs = run_closed(ctx, p["jaxpr"], list(consts) + list(carry) + xv, dense_outputs=True)
         return outs[:ncar], outs[ncar:]
 
     extra = {"_split_transpose": p["_split_transpose"]} if "_split_transpose" in p else {}
-    carry, ys = lax.scan(body, init, xs_in, length=p["length"], reverse=p["reverse"],
+    carry, ys = lax.scan(body, init, (xs_in, keys), length=p["length"], reverse=p["reverse"],
                          unroll=p["unroll"], **extra)
     return list(carry) + list(ys)
 
@@ -82,13 +90,31 @@ def _while(ctx, eqn, invals):
     cconsts, bconsts, init = invals[:cn], invals[cn:cn + bn], invals[cn + bn:]
     init = tuple(ctx.dense(v, eqn, "a LoRA weight in a while-loop carry") for v in init)
 
-    def cond_fn(carry):
+    if ctx.drop is None:
+        def cond_fn(carry):
+            return run_closed(ctx, p["cond_jaxpr"], list(cconsts) + list(carry), dense_outputs=True)[0]
+
+        def body_fn(carry):
+            return tuple(run_closed(ctx, p["body_jaxpr"], list(bconsts) + list(carry), dense_outputs=True))
+
+        return list(lax.while_loop(cond_fn, body_fn, init))
+
+    # with dropout the loop carries a key and splits it each step, so no two steps share masks
+    rate = ctx.drop[0]
+
+    def cond_keyed(state):
+        carry, _ = state
         return run_closed(ctx, p["cond_jaxpr"], list(cconsts) + list(carry), dense_outputs=True)[0]
 
-    def body_fn(carry):
-        return tuple(run_closed(ctx, p["body_jaxpr"], list(bconsts) + list(carry), dense_outputs=True))
+    def body_keyed(state):
+        carry, key = state
+        key, step_key = jax.random.split(key)
+        with ctx.dropping(rate, step_key):
+            outs = run_closed(ctx, p["body_jaxpr"], list(bconsts) + list(carry), dense_outputs=True)
+        return tuple(outs), key
 
-    return list(lax.while_loop(cond_fn, body_fn, init))
+    carry, _ = lax.while_loop(cond_keyed, body_keyed, (init, ctx.next_key()))
+    return list(carry)
 
 
 def _dense_tangent(primal, tangent):
@@ -106,7 +132,9 @@ def _custom_jvp(ctx, eqn, invals):
 
     @jax.custom_jvp
     def fn(*args):
-        return run_closed(ctx, p["call_jaxpr"], args, dense_outputs=True)
+        # no dropout: under differentiation the function's own rule runs on the dense weight, without it
+        with ctx.dropping(0.0, None):
+            return run_closed(ctx, p["call_jaxpr"], args, dense_outputs=True)
 
     @fn.defjvp
     def fn_jvp(primals, tangents):
@@ -127,7 +155,8 @@ def _custom_vjp(ctx, eqn, invals):
 
     @jax.custom_vjp
     def fn(*args):
-        return run_closed(ctx, p["call_jaxpr"], args, dense_outputs=True)
+        with ctx.dropping(0.0, None):  # as in _custom_jvp: the same value with and without grad
+            return run_closed(ctx, p["call_jaxpr"], args, dense_outputs=True)
 
     def fwd(*args):
         # the backward pass goes through the function's own rule on the dense weight

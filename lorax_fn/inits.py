@@ -92,8 +92,9 @@ def from_weight(key, w: Any, layout: Layout, rank: int, scale: float, dtype,
     """
     m, canon_shape = _canonical(jnp.asarray(w), layout)
     if init == "olora":
-        q, r = jnp.linalg.qr(m)
-        left, right = q[..., :rank], r[..., :rank, :]
+        # as PEFT and the paper: QR of the (out, in) weight, so b holds orthonormal rows over the outputs
+        q, r = jnp.linalg.qr(jnp.swapaxes(m, -1, -2))
+        left, right = jnp.swapaxes(r[..., :rank, :], -1, -2), jnp.swapaxes(q[..., :rank], -1, -2)
     else:
         niter = _NITER.fullmatch(init)
         u, s, vt = _svd_top(m, rank, int(niter.group(1)) if niter else None, key)

@@ -10,10 +10,13 @@ materialised under the caller's policy.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import warnings
 from typing import Any, Callable, NamedTuple
 
+import jax
+import jax.numpy as jnp
 from jax.extend.core import Literal
 
 from . import lazy as lz
@@ -56,6 +59,33 @@ class Context:
         self.policy = policy
         self.uses = record
         self.formulation = formulation
+        # dropout on the adapter input: (rate, key) while a call with a dropout key runs, else None
+        self.drop: tuple[float, Any] | None = None
+        self.draws = 0  # masks drawn under the current key, each from its own fold_in
+
+    @contextlib.contextmanager
+    def dropping(self, rate: float, key: Any):
+        """Run with adapter-input dropout at ``rate`` from ``key`` (``key=None``: none)."""
+        saved = self.drop, self.draws
+        self.drop, self.draws = ((rate, key) if key is not None and rate > 0 else None), 0
+        try:
+            yield
+        finally:
+            self.drop, self.draws = saved
+
+    def next_key(self) -> Any:
+        """A fresh key from the current dropout key (for one mask, or for a loop's per-step keys)."""
+        rate, key = self.drop
+        self.draws += 1
+        return jax.random.fold_in(key, self.draws)
+
+    def dropout(self, x: Any) -> Any:
+        """``x`` with inverted dropout applied when dropout is on (the adapter path's input), else ``x``."""
+        if self.drop is None:
+            return x
+        rate = self.drop[0]
+        keep = jax.random.bernoulli(self.next_key(), 1.0 - rate, jnp.shape(x))
+        return jnp.where(keep, x / jnp.asarray(1.0 - rate, x.dtype), jnp.zeros((), x.dtype))
 
     def note(self, z: Lazy, eqn, low_rank: bool, detail: str = "") -> None:
         if self.uses is not None:

@@ -151,12 +151,13 @@ def dot_general_parts(ctx, eqn, invals):
     def second_of(t, f2_):
         return jnp.einsum(f"{tl},{second}->{out}", t, f2_, precision=prec, preferred_element_type=pet)
 
-    form = _formulation(ctx, z, x, xl, out, first)
+    # dropout acts on the adapter path only, which the merged forms cannot separate
+    form = "factored" if ctx.drop is not None else _formulation(ctx, z, x, xl, out, first)
     if form != "factored":
         f = _merged_dot(dense_of, first_of, second_of, z.meta, primal_merged=form == "merged")
         return f(x, z.w, f1, f2, mode == "i"), None
     dense = dense_of(x, z.w)
-    low = second_of(first_of(x, f1), f2)
+    low = second_of(first_of(ctx.dropout(x), f1), f2)
     return dense, low.astype(dense.dtype)
 
 
@@ -263,7 +264,7 @@ def _conv(ctx, eqn, invals):
     # the rank-r conv runs in the layer's compute dtype, as the dense one does
     kernel_a = jnp.transpose(z.a, perm).astype(x.dtype)
     dense = bind(eqn, x, z.w)
-    t = bind(eqn, x, kernel_a)
+    t = bind(eqn, ctx.dropout(x), kernel_a)
     f = out_spec[1]
     t = t * jnp.asarray(m.scale, t.dtype)
     low = jnp.moveaxis(jnp.tensordot(t, z.b, axes=((f,), (0,))), -1, f)

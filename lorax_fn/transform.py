@@ -8,11 +8,12 @@ import warnings
 from typing import Any, Callable
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 from jax.extend.core import ClosedJaxpr, Jaxpr
 
 from . import lazy as lz
-from .errors import NoAdapterWarning
+from .errors import ArgumentError, NoAdapterWarning
 from .interpret import Context, Use, run_closed
 from .paths import path_str
 from .weight import LoraWeight, is_lora
@@ -89,13 +90,36 @@ def _warn_no_adapter(fn: Callable) -> None:
         "lora(apply)(lp, x), not lora(lambda x: apply(lp, x))(x).", NoAdapterWarning, stacklevel=3)
 
 
-def _interpret(closed, ctx: Context, kinds, paths, dynamic):
+def _interpret(closed, ctx: Context, kinds, paths, rate, dynamic, key=None):
     invals = [lz.from_weight(x, p) if k == "lora" else x
               for x, k, p in zip(dynamic, [k for k in kinds if k != "static"], paths)]
-    return run_closed(ctx, closed, invals, dense_outputs="returned by the function")
+    with ctx.dropping(rate, key):
+        return run_closed(ctx, closed, invals, dense_outputs="returned by the function")
 
 
-def lora(fn: Callable, *, on_materialize: str = "warn", formulation: str = "auto") -> Callable:
+def _check_drop_key(key: Any) -> Any:
+    """One PRNG key, typed or raw; ArgumentError naming ``dropout_key`` otherwise."""
+    dtype, shape = getattr(key, "dtype", None), getattr(key, "shape", None)
+    if dtype is not None and jax.dtypes.issubdtype(dtype, jax.dtypes.prng_key) and shape == ():
+        return key
+    if dtype == jnp.uint32 and shape is not None and len(shape) == 1:
+        return jax.random.wrap_key_data(key)
+    raise ArgumentError(f"dropout_key must be one PRNG key such as jax.random.key(0), got "
+                        f"{type(key).__name__} of shape {shape}")
+
+
+def _check_rate(dropout: Any) -> float:
+    try:
+        rate = float(dropout)
+    except (TypeError, ValueError):
+        rate = float("nan")
+    if isinstance(dropout, (bool, str)) or not 0.0 <= rate < 1.0:
+        raise ArgumentError(f"dropout must be a rate in [0, 1), got {dropout!r}")
+    return rate
+
+
+def lora(fn: Callable, *, on_materialize: str = "warn", formulation: str = "auto",
+         dropout: float | None = None) -> Callable:
     """Transform ``fn`` so that it accepts :class:`LoraWeight` leaves wherever arrays go.
 
     The returned function computes exactly what ``fn`` computes on the merged
@@ -124,6 +148,20 @@ def lora(fn: Callable, *, on_materialize: str = "warn", formulation: str = "auto
         otherwise (small batches, decoding, bfloat16). Gradients are the same
         factored ones in every case: no dense weight gradient is formed and
         no merged weight is kept for the backward pass.
+      dropout: rate of dropout on the adapters' input (PEFT's ``lora_dropout``):
+        the low-rank path of each matmul and convolution sees ``x`` with
+        entries zeroed at this rate (and the rest scaled by ``1/(1-rate)``),
+        the frozen path sees ``x`` unchanged. It is on only in calls that pass
+        ``dropout_key=`` (a PRNG key; the keyword is taken whenever ``dropout``
+        is given, and ignored at rate 0, so one training loop serves every
+        rate), so evaluation calls without a key run the plain path exactly.
+        Every use draws its own mask, every step of a ``scan``/``while_loop``
+        (each layer of a scanned stack) its own; under ``jax.vmap`` one
+        unbatched key gives every example the same mask, as any JAX random
+        draw does (map over split keys for distinct ones). A weight that is
+        materialised (see ``on_materialize``), used by a row lookup or passed
+        into a ``custom_jvp``/``custom_vjp`` function gets none; with dropout
+        on, matmuls run in the factored formulation.
 
     Returns:
       A function with ``fn``'s signature and outputs. Calling it with no
@@ -141,10 +179,15 @@ def lora(fn: Callable, *, on_materialize: str = "warn", formulation: str = "auto
         (4, 2)
     """
     ctx = Context(on_materialize, formulation=formulation)
+    dropout_given = dropout is not None
+    rate = _check_rate(0.0 if dropout is None else dropout)
     cache: dict = {}
 
     @functools.wraps(fn)
     def wrapped(*args, **kwargs):
+        drop_key = kwargs.pop("dropout_key", None) if dropout_given else None
+        if drop_key is not None:
+            drop_key = _check_drop_key(drop_key) if rate > 0 else None
         treedef, kinds, dynamic, statics, avals = _prepare(args, kwargs)
         key = _key(treedef, kinds, statics, avals)
         entry = cache.get(key) if key is not None else None
@@ -152,13 +195,13 @@ def lora(fn: Callable, *, on_materialize: str = "warn", formulation: str = "auto
             if "lora" not in kinds:
                 _warn_no_adapter(fn)
             closed, out_tree = _trace(fn, treedef, kinds, statics, avals)
-            run = jax.jit(functools.partial(_interpret, closed, ctx, kinds, _paths(args, kwargs)))
+            run = jax.jit(functools.partial(_interpret, closed, ctx, kinds, _paths(args, kwargs), rate))
             entry = (run, out_tree)
             leaks = any(isinstance(c, jax.core.Tracer) for c in closed.consts)
             if key is not None and not leaks:
                 cache[key] = entry
         run, out_tree = entry
-        return jax.tree_util.tree_unflatten(out_tree, run(dynamic))
+        return jax.tree_util.tree_unflatten(out_tree, run(dynamic, drop_key))
 
     wrapped.cache_size = lambda: len(cache)  # type: ignore[attr-defined]
     return wrapped
@@ -259,7 +302,7 @@ def _gradient_uses(closed, kinds, paths, dynamic) -> list:
     def forward(dyn, factors):
         it = iter(factors)
         dyn = [x.replace(**dict(zip("ab", next(it)))) if lw else x for x, lw in zip(dyn, is_lw)]
-        return _interpret(closed, ctx, kinds, paths, dyn)
+        return _interpret(closed, ctx, kinds, paths, 0.0, dyn)
 
     def differentiated(dyn):
         factors = [(x.a, x.b) for x in dyn if isinstance(x, LoraWeight)]
@@ -314,7 +357,7 @@ def explain(fn: Callable, *args: Any, **kwargs: Any) -> Explanation:
     paths = _paths(args, kwargs)
     uses: list = []
     ctx = Context("allow", record=uses)
-    jax.eval_shape(functools.partial(_interpret, closed, ctx, kinds, paths), dynamic)
+    jax.eval_shape(functools.partial(_interpret, closed, ctx, kinds, paths, 0.0), dynamic)
     if "lora" not in kinds or not _has_custom_rule(closed):
         # elsewhere differentiation transforms the operations the forward pass
         # emitted; only a custom rule runs other code (its own, on the dense weight)

@@ -30,9 +30,9 @@ def _matrices(w, layout):
 
 
 def _principal(m, rank, init):
-    if init == "olora":
-        q, r = np.linalg.qr(m)
-        return q[..., :rank] @ r[..., :rank, :]
+    if init == "olora":  # QR of the (out, in) weight, as PEFT and the paper
+        q, r = np.linalg.qr(np.swapaxes(m, -1, -2))
+        return np.swapaxes(q[..., :rank] @ r[..., :rank, :], -1, -2)
     u, s, vt = np.linalg.svd(m, full_matrices=False)
     return (u[..., :rank] * s[..., None, :rank]) @ vt[..., :rank, :]
 
@@ -52,6 +52,12 @@ def test_factors_hold_the_principal_part_and_the_base_the_rest(case, init, rslor
     np.testing.assert_allclose(_matrices(lw.w, layout), m - want, rtol=1e-4, atol=1e-5)
     # merge gives back the weight up to float error (not bit for bit, unlike the random inits)
     np.testing.assert_allclose(lf.merge(lw), w, rtol=0, atol=1e-5)
+
+
+def test_olora_b_has_orthonormal_rows_over_the_outputs():
+    lw = lf.lorafy({"w": _weights((12, 8))}, rank=3, alpha=3, init="olora")["w"]  # scale 1
+    b = np.asarray(lw.b, np.float64)
+    np.testing.assert_allclose(b @ b.T, np.eye(3), atol=1e-5)
 
 
 def test_randomised_pissa_finds_the_same_principal_part_on_a_decaying_spectrum():

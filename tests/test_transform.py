@@ -184,3 +184,116 @@ def test_lora_with_an_adapter_argument_does_not_warn():
         lf.lora(lambda p, x: f(p, x)["y"])(lp, X)
         lf.lora(lambda x, *, p: f(p, x)["y"])(X, p={"inner": lp}["inner"])
         lf.lora(lambda x, w: x @ w)(X, lp["w"])
+
+
+# ------------------------------------------------------------------ dropout on the adapter input
+N = 48
+
+
+def _probe(shape=(N, N)):
+    """w = 0, a = b = I, scale 1: the layer returns exactly what its adapter path sees."""
+    layout = ((0,), (1,), (2,)) if len(shape) == 3 else None  # a stack of layers for scan
+    lw = lf.lorafy({"w": jnp.zeros(shape)}, rank=shape[-1], targets="w", layout=layout)["w"]
+    eye = jnp.broadcast_to(jnp.eye(shape[-1]), lw.a.shape)
+    return lw.replace(a=eye, b=eye)
+
+
+def test_dropout_without_a_key_or_at_rate_zero_is_the_plain_path():
+    rng = np.random.default_rng(0)
+    lp = lf.lorafy({"w": jnp.asarray(rng.standard_normal((N, 8)), jnp.float32)}, rank=4)
+    lp = {"w": lp["w"].replace(b=jnp.asarray(rng.standard_normal((4, 8)), jnp.float32))}
+    x = jnp.asarray(rng.standard_normal((5, N)), jnp.float32)
+    f = lambda p, x: x @ p["w"]  # noqa: E731
+    plain = lf.lora(f)(lp, x)
+    np.testing.assert_array_equal(lf.lora(f, dropout=0.3)(lp, x), plain)
+    np.testing.assert_array_equal(lf.lora(f, dropout=0.0)(lp, x), plain)
+
+
+def test_dropout_zeroes_the_adapter_input_at_the_rate_and_rescales_the_rest():
+    x = jnp.asarray(np.random.default_rng(1).uniform(1, 2, (N, N)), jnp.float32)
+    f = lf.lora(lambda w, x: x @ w, dropout=0.25)
+    y = np.asarray(f(_probe(), x, dropout_key=jax.random.key(0)))
+    kept = y != 0
+    np.testing.assert_allclose(y[kept], np.asarray(x)[kept] / 0.75, rtol=1e-6)
+    assert abs(kept.mean() - 0.75) < 0.03  # 2304 draws: the standard error is 0.009
+    again = f(_probe(), x, dropout_key=jax.random.key(0))
+    other = f(_probe(), x, dropout_key=jax.random.key(1))
+    np.testing.assert_array_equal(again, y)
+    assert not np.array_equal(np.asarray(other), y)
+
+
+def test_dropout_leaves_the_frozen_path_alone_and_gradients_follow_the_mask():
+    rng = np.random.default_rng(2)
+    x = jnp.asarray(rng.standard_normal((6, N)), jnp.float32)
+    key = jax.random.key(5)
+    f = lf.lora(lambda w, x: x @ w, dropout=0.5)
+    dropped = np.asarray(f(_probe(), x, dropout_key=key), np.float64)  # the mask depends on key and shapes only
+    w = rng.standard_normal((N, N)).astype(np.float32)
+    lw = lf.lorafy({"w": jnp.asarray(w)}, rank=3, alpha=6)["w"]
+    lw = lw.replace(b=jnp.asarray(rng.standard_normal((3, N)), jnp.float32))
+    a, b = np.asarray(lw.a, np.float64), np.asarray(lw.b, np.float64)
+    want = np.asarray(x, np.float64) @ w + 2.0 * dropped @ a @ b
+    np.testing.assert_allclose(f(lw, x, dropout_key=key), want, rtol=1e-5, atol=1e-4)
+    g = jax.grad(lambda lw: f(lw, x, dropout_key=key).sum())(lw)
+    ones = np.ones((6, N))
+    np.testing.assert_allclose(g.b, 2.0 * (dropped @ a).T @ ones, rtol=1e-5, atol=1e-4)
+    np.testing.assert_allclose(g.a, 2.0 * dropped.T @ ones @ b.T, rtol=1e-5, atol=1e-4)
+
+
+def test_dropout_draws_a_new_mask_per_layer_of_a_scan_and_per_step_of_a_while_loop():
+    stack = _probe((3, N, N))
+    x = jnp.ones((4, N))
+
+    def scanned(ws, x):
+        return jax.lax.scan(lambda c, w: (c, x @ w), 0.0, ws)[1]
+
+    def looped(w, x):
+        def body(s):
+            i, acc = s
+            return i + 1, acc.at[i].set(x @ w)
+        return jax.lax.while_loop(lambda s: s[0] < 3, body, (0, jnp.zeros((3, 4, N))))[1]
+
+    for fn, w in ((scanned, stack), (looped, _probe())):
+        ys = np.asarray(lf.lora(fn, dropout=0.5)(w, x, dropout_key=jax.random.key(0)))
+        masks = [ys[k] != 0 for k in range(3)]
+        assert 0.4 < masks[0].mean() < 0.6
+        assert not np.array_equal(masks[0], masks[1]) and not np.array_equal(masks[1], masks[2])
+
+
+def test_dropout_key_under_jit_needs_no_retrace():
+    f = lf.lora(lambda w, x: x @ w, dropout=0.5)
+    step = jax.jit(lambda w, x, k: f(w, x, dropout_key=k))
+    x = jnp.ones((4, N))
+    y0, y1 = step(_probe(), x, jax.random.key(0)), step(_probe(), x, jax.random.key(1))
+    assert not np.array_equal(np.asarray(y0), np.asarray(y1)) and step._cache_size() == 1
+
+
+@pytest.mark.parametrize("rate", [1.0, -0.1, True, "0.1"])
+def test_dropout_rate_must_be_in_zero_one(rate):
+    with pytest.raises(lf.ArgumentError, match="dropout must be a rate in \\[0, 1\\)"):
+        lf.lora(lambda w, x: x @ w, dropout=rate)
+
+
+def test_dropout_key_must_be_one_key():
+    with pytest.raises(lf.ArgumentError, match="dropout_key"):
+        lf.lora(lambda w, x: x @ w, dropout=0.1)(_probe(), jnp.ones((2, N)), dropout_key=0)
+
+
+def test_dropout_key_is_accepted_and_ignored_at_rate_zero():
+    x = jnp.ones((4, N))
+    plain = lf.lora(lambda w, x: x @ w)(_probe(), x)
+    got = lf.lora(lambda w, x: x @ w, dropout=0.0)(_probe(), x, dropout_key=jax.random.key(0))
+    np.testing.assert_array_equal(got, plain)  # a training loop that always passes a key works at rate 0
+
+
+def test_a_custom_vjp_function_sees_no_dropout_with_or_without_grad():
+    @jax.custom_vjp
+    def mm(x, w):
+        return x @ w
+
+    mm.defvjp(lambda x, w: (x @ w, (x, w)), lambda res, g: (g @ res[1].T, res[0].T @ g))
+    f = lf.lora(lambda w, x: mm(x, w).sum(), dropout=0.5, on_materialize="allow")
+    x, key = jnp.ones((4, N)), jax.random.key(0)
+    plain = float(lf.lora(lambda w, x: mm(x, w).sum(), on_materialize="allow")(_probe(), x))
+    value, _ = jax.value_and_grad(lambda w: f(w, x, dropout_key=key))(_probe())
+    assert float(f(_probe(), x, dropout_key=key)) == plain and float(value) == plain

@@ -92,6 +92,12 @@ def optimizer(tx: optax.GradientTransformation, tree: Any,
     mask = _labels(tree, trainable)
     if not any(jax.tree.leaves(mask)):
         warnings.warn(_nothing_to_train(trainable), NoAdapterWarning, stacklevel=2)
+    elif trainable is not None and not any(m for m in jax.tree.leaves(mask, is_leaf=is_lora) if not is_lora(m)):
+        # the adapters train, but the leaves the caller meant to train in full silently stay frozen
+        paths = [p for p, x in leaves_with_paths(tree, is_leaf=is_lora)[0] if not is_lora(x)]
+        warnings.warn(f"trainable={trainable!r} matched no leaf, so only the adapters train (patterns are "
+                      f"full-match regexes on '/'-joined paths); non-adapter paths: "
+                      + ", ".join(f"'{p}'" for p in paths[:5]), UserWarning, stacklevel=2)
     labels = jax.tree.map(lambda m: "train" if m else "freeze", mask)
 
     def label_fn(params):

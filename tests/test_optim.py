@@ -207,3 +207,13 @@ def test_multisteps_inside_keeps_frozen_negative_zeros_and_accumulates_like_plai
             np.testing.assert_array_equal(got, want)
     assert np.signbit(lp["w"].w[0, 0]) and np.signbit(lp["bias"][0])
     assert not np.array_equal(lp["w"].b, np.zeros((2, 3)))   # the adapters did move
+
+
+def test_trainable_that_matches_nothing_warns_while_the_adapters_still_train():
+    lp = lf.lorafy({"dense": {"kernel": jnp.ones((4, 3)), "bias": jnp.zeros(3)}}, rank=2)
+    with pytest.warns(UserWarning, match="trainable='bias' matched no leaf.*'dense/bias'"):
+        tx = lf.optimizer(optax.sgd(0.1), lp, trainable="bias")  # not a full match of 'dense/bias'
+    assert tx.init(lp) is not None
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        lf.optimizer(optax.sgd(0.1), lp, trainable=".*bias")

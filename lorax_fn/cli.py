@@ -164,20 +164,12 @@ def cmd_merge(args: argparse.Namespace) -> int:
     import orbax.checkpoint as ocp
 
     from .checkpoint import _absolute, check_destination, committed_dir, load_adapters, save_merged
-    from .errors import ArgumentError, CheckpointError
+    from . import checks
+    from .errors import CheckpointError
     from .merge import merge
     from .weight import is_lora
 
-    dt = None
-    if args.dtype:
-        try:
-            dt = jnp.dtype(args.dtype)
-        except TypeError:
-            dt = None
-        if dt is None or not jnp.issubdtype(dt, jnp.floating):
-            # an integer dtype would truncate every weight
-            raise ArgumentError(f"--dtype {args.dtype} is not a floating-point dtype; use float32, bfloat16 or "
-                                "float16")
+    dt = checks.float_dtype(args.dtype, "--dtype") if args.dtype else None
     adapters_dir, _ = _adapter_dir(Path(args.adapters).expanduser().absolute())
     base_dir = committed_dir(args.base)
     # the path save_merged writes ('..' taken lexically), then resolved: links must not hide an overlap

@@ -4,18 +4,15 @@ from __future__ import annotations
 
 import difflib
 import math
-import operator
 import re
 import warnings
 from typing import Any, Callable, Mapping, Sequence, Union
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 
-from . import infer, inits
-from .errors import (ArgumentError, LayoutError, NoAdapterWarning, RankError, TargetDtypeError,
-                     TargetError)
+from . import checks, infer, inits
+from .errors import ArgumentError, LayoutError, NoAdapterWarning, RankError, TargetDtypeError, TargetError
 from .paths import leaves_with_paths
 from .weight import Layout, LoraWeight, default_layout, is_lora
 
@@ -71,54 +68,6 @@ def _partial_hint(spec: Targets, paths: list[str]) -> str:
     return ""
 
 
-def _check_key(key: Any) -> Any:
-    """One PRNG key (typed, or a raw ``uint32`` key); ArgumentError naming ``key`` otherwise."""
-    if key is None:
-        return jax.random.key(0)
-    dtype = getattr(key, "dtype", None)
-    shape = getattr(key, "shape", None)
-    if dtype is None or shape is None:
-        raise ArgumentError(f"key must be a PRNG key such as jax.random.key(0); got {type(key).__name__} "
-                            f"{key!r}")
-    if jax.dtypes.issubdtype(dtype, jax.dtypes.prng_key):
-        if shape != ():
-            raise ArgumentError(f"key must be one PRNG key; got an array of {shape} keys (from "
-                                "jax.random.split?): pass one of them, e.g. keys[0]")
-        return key
-    if dtype == jnp.uint32 and len(shape) == 1:  # a raw key from jax.random.PRNGKey
-        return key
-    raise ArgumentError(f"key must be one PRNG key such as jax.random.key(0); got an array of dtype {dtype} and "
-                        f"shape {tuple(shape)}" + (" (split keys: pass one of them, e.g. keys[0])"
-                                                   if dtype == jnp.uint32 else ""))
-
-
-def _check_rank(rank: Any, name: str = "rank") -> int:
-    if isinstance(rank, bool) or getattr(rank, "dtype", None) == np.bool_:
-        raise RankError(f"{name} must be a positive integer, got {type(rank).__name__} {rank!r}")
-    try:
-        rank = operator.index(rank)  # int, NumPy and 0-d JAX integers; never a float such as 2.0
-    except TypeError:
-        raise RankError(f"{name} must be a positive integer, got {type(rank).__name__} {rank!r}") from None
-    if rank < 1:
-        raise RankError(f"{name} must be a positive integer, got {rank!r}")
-    return int(rank)
-
-
-def _check_alpha(alpha: Any, rank: int, name: str = "alpha") -> float:
-    if alpha is None and name == "alpha":
-        return float(rank)
-    if isinstance(alpha, (bool, str)):
-        raise ArgumentError(f"{name} must be a finite number > 0, got {type(alpha).__name__} {alpha!r}")
-    try:
-        value = float(alpha)
-    except (TypeError, ValueError, jax.errors.ConcretizationTypeError):
-        raise ArgumentError(f"{name} must be a finite number > 0, got {type(alpha).__name__} {alpha!r}") from None
-    if not math.isfinite(value) or value <= 0:
-        # saving would succeed and loading refuse: a run that cannot be resumed
-        raise ArgumentError(f"{name} must be a finite number > 0, got {alpha!r}")
-    return value
-
-
 class _Patterns:
     """A ``{path_regex: value}`` override table (``rank_pattern``/``alpha_pattern``): first full match wins."""
 
@@ -143,19 +92,6 @@ class _Patterns:
             raise TargetError(f"{self.name} key {unused[0]!r} matched no adapted leaf (keys are full-match "
                               f"regexes on '/'-joined paths); adapted paths: {_nearest(unused[0], paths)}"
                               f"{_partial_hint(unused[0], paths)}")
-
-
-def _check_dtype(dtype: Any) -> Any:
-    if dtype is None:
-        return None
-    try:
-        dt = jnp.dtype(dtype)
-    except TypeError:
-        raise ArgumentError(f"dtype must be a floating-point dtype such as jnp.float32, got {dtype!r}") from None
-    if not jnp.issubdtype(dt, jnp.floating) or dt.itemsize < 2:
-        raise ArgumentError(f"dtype={dt.name} cannot hold adapters: pass a floating-point dtype of 16 bits or "
-                            "more (jnp.float32, or jnp.bfloat16)")
-    return dt
 
 
 def _is_float(x) -> bool:
@@ -297,12 +233,12 @@ def lorafy(
     why = inits.check(init)
     if why is not None:
         raise ArgumentError(why)
-    rank = _check_rank(rank)
-    alpha = None if alpha is None else _check_alpha(alpha, rank)
-    ranks = _Patterns("rank_pattern", rank_pattern, lambda v, k: _check_rank(v, f"rank_pattern[{k!r}]"))
-    alphas = _Patterns("alpha_pattern", alpha_pattern, lambda v, k: _check_alpha(v, 1, f"alpha_pattern[{k!r}]"))
-    dtype = _check_dtype(dtype)
-    key = _check_key(key)
+    rank = checks.rank(rank)
+    alpha = None if alpha is None else checks.alpha(alpha)
+    ranks = _Patterns("rank_pattern", rank_pattern, lambda v, k: checks.rank(v, f"rank_pattern[{k!r}]"))
+    alphas = _Patterns("alpha_pattern", alpha_pattern, lambda v, k: checks.alpha(v, f"alpha_pattern[{k!r}]"))
+    dtype = None if dtype is None else checks.float_dtype(dtype, min_bits=16)
+    key = jax.random.key(0) if key is None else checks.prng_key(key)
     flat, treedef = leaves_with_paths(params, is_leaf=is_lora)
     paths = [p for p, _ in flat]
     want, skip = _matcher(targets, "targets"), _matcher(exclude, "exclude")

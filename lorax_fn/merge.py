@@ -8,8 +8,9 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
+from . import checks
 from . import lazy as lz
-from .errors import ArgumentError, StructureError
+from .errors import StructureError
 from .paths import path_str
 from .weight import factor_shapes, is_lora
 
@@ -67,7 +68,7 @@ def merge(tree: Any, *, donate: bool = False, dtype: Any = None) -> Any:
     for path, x in nodes:
         _check_base(path, x)
     if dtype is not None:
-        dt = _float_dtype(dtype)
+        dt = checks.float_dtype(dtype)
         # the cast copies any base of another dtype, so donate=True then consumes only that copy
         return merge(treedef.unflatten([x.replace(w=x.w.astype(dt)) if is_lora(x) else x for _, x in leaves]),
                      donate=donate)
@@ -83,16 +84,6 @@ def merge(tree: Any, *, donate: bool = False, dtype: Any = None) -> Any:
     merged = iter(_merge_into_bases([w for _, w in given.values()], [w for _, w in kept.values()],
                                     [x.replace(w=None) for _, x in nodes], tuple(where)))
     return treedef.unflatten([next(merged) if is_lora(x) else x for _, x in leaves])
-
-
-def _float_dtype(dtype: Any) -> Any:
-    try:
-        dt = jnp.dtype(dtype)
-    except TypeError:
-        dt = None
-    if dt is None or not jnp.issubdtype(dt, jnp.floating):
-        raise ArgumentError(f"dtype must be a floating-point dtype such as jnp.float32, got {dtype!r}")
-    return dt
 
 
 def _check_base(path: str, x) -> None:

@@ -8,10 +8,10 @@ import warnings
 from typing import Any, Callable
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 from jax.extend.core import ClosedJaxpr, Jaxpr
 
+from . import checks
 from . import lazy as lz
 from .errors import ArgumentError, NoAdapterWarning
 from .interpret import Context, Use, run_closed
@@ -97,17 +97,6 @@ def _interpret(closed, ctx: Context, kinds, paths, rate, dynamic, key=None):
         return run_closed(ctx, closed, invals, dense_outputs="returned by the function")
 
 
-def _check_drop_key(key: Any) -> Any:
-    """One PRNG key, typed or raw; ArgumentError naming ``dropout_key`` otherwise."""
-    dtype, shape = getattr(key, "dtype", None), getattr(key, "shape", None)
-    if dtype is not None and jax.dtypes.issubdtype(dtype, jax.dtypes.prng_key) and shape == ():
-        return key
-    if dtype == jnp.uint32 and shape is not None and len(shape) == 1:
-        return jax.random.wrap_key_data(key)
-    raise ArgumentError(f"dropout_key must be one PRNG key such as jax.random.key(0), got "
-                        f"{type(key).__name__} of shape {shape}")
-
-
 def _check_rate(dropout: Any) -> float:
     try:
         rate = float(dropout)
@@ -187,7 +176,7 @@ def lora(fn: Callable, *, on_materialize: str = "warn", formulation: str = "auto
     def wrapped(*args, **kwargs):
         drop_key = kwargs.pop("dropout_key", None) if dropout_given else None
         if drop_key is not None:
-            drop_key = _check_drop_key(drop_key) if rate > 0 else None
+            drop_key = checks.prng_key(drop_key, "dropout_key") if rate > 0 else None
         treedef, kinds, dynamic, statics, avals = _prepare(args, kwargs)
         key = _key(treedef, kinds, statics, avals)
         entry = cache.get(key) if key is not None else None

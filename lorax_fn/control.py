@@ -65,7 +65,7 @@ def _scan(ctx, eqn, invals):
     def body(carry, x):
         x, key = x
         xv = [Lazy(*c, m) if m is not None else c for c, m in zip(x, metas)]
-        with ctx.dropping(rate, key) if key is not None else contextlib.nullcontext():
+        with _step_dropout(ctx, rate, key):
             outs = run_closed(ctx, p["jaxpr"], list(consts) + list(carry) + xv, dense_outputs=True)
         return outs[:ncar], outs[ncar:]
 
@@ -90,31 +90,28 @@ def _while(ctx, eqn, invals):
     cconsts, bconsts, init = invals[:cn], invals[cn:cn + bn], invals[cn + bn:]
     init = tuple(ctx.dense(v, eqn, "a LoRA weight in a while-loop carry") for v in init)
 
-    if ctx.drop is None:
-        def cond_fn(carry):
-            return run_closed(ctx, p["cond_jaxpr"], list(cconsts) + list(carry), dense_outputs=True)[0]
-
-        def body_fn(carry):
-            return tuple(run_closed(ctx, p["body_jaxpr"], list(bconsts) + list(carry), dense_outputs=True))
-
-        return list(lax.while_loop(cond_fn, body_fn, init))
-
     # with dropout the loop carries a key and splits it each step, so no two steps share masks
-    rate = ctx.drop[0]
+    rate = None if ctx.drop is None else ctx.drop[0]
 
-    def cond_keyed(state):
+    def cond_fn(state):
         carry, _ = state
         return run_closed(ctx, p["cond_jaxpr"], list(cconsts) + list(carry), dense_outputs=True)[0]
 
-    def body_keyed(state):
+    def body_fn(state):
         carry, key = state
-        key, step_key = jax.random.split(key)
-        with ctx.dropping(rate, step_key):
+        if key is not None:
+            key, step_key = jax.random.split(key)
+        with _step_dropout(ctx, rate, None if key is None else step_key):
             outs = run_closed(ctx, p["body_jaxpr"], list(bconsts) + list(carry), dense_outputs=True)
         return tuple(outs), key
 
-    carry, _ = lax.while_loop(cond_keyed, body_keyed, (init, ctx.next_key()))
+    carry, _ = lax.while_loop(cond_fn, body_fn, (init, None if rate is None else ctx.next_key()))
     return list(carry)
+
+
+def _step_dropout(ctx, rate, key):
+    """The dropout scope of one loop step: its own key when dropout is on, else nothing changes."""
+    return ctx.dropping(rate, key) if key is not None else contextlib.nullcontext()
 
 
 def _dense_tangent(primal, tangent):

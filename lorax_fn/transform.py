@@ -242,10 +242,15 @@ class Explanation(tuple):
         return {k: tuple(v) for k, v in out.items()}
 
     def _gradient_only(self) -> list[Use]:
-        """Materialised uses of the gradient beyond those of the forward pass."""
-        extra = collections.Counter(self.gradient.materialized if self.gradient else ())
-        extra.subtract(collections.Counter(self.materialized))
-        return [u for u in dict.fromkeys(self.gradient or ()) for _ in range(max(extra[u], 0))]
+        """Materialised uses of the gradient beyond those of the forward pass, in order."""
+        forward = collections.Counter(self.materialized)
+        extra = []
+        for u in self.gradient.materialized if self.gradient else ():
+            if forward[u]:
+                forward[u] -= 1  # the same use, already listed for the forward pass
+            else:
+                extra.append(u)
+        return extra
 
     def __str__(self) -> str:
         more = self._gradient_only()

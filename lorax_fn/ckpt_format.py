@@ -74,7 +74,7 @@ def crc32(x: Any) -> int | None:
     return zlib.crc32(arr.reshape(-1).view(np.uint8))
 
 
-def _array_spec(x: Any) -> dict:
+def array_spec(x: Any) -> dict:
     # np.asarray: a trainable leaf may be a Python scalar, which has no .dtype
     arr = x if isinstance(x, jax.Array) else np.asarray(x)
     return {"shape": list(np.shape(arr)), "dtype": np.dtype(arr.dtype).name, "crc32": crc32(arr)}
@@ -137,7 +137,7 @@ def describe(tree: Any, trainable: Targets = None, metadata: Mapping[str, Any] |
                 "path": path, "key": key, "rank": leaf.rank, "alpha": leaf.alpha, "variant": leaf.variant,
                 "layout": {"stack": list(lay.stack), "in": list(lay.inputs), "out": list(lay.outputs)},
                 "base": {"shape": list(leaf.shape), "dtype": np.dtype(leaf.dtype).name},
-                "arrays": {name: _array_spec(x) for name, x in kids.items()},
+                "arrays": {name: array_spec(x) for name, x in kids.items()},
             })
         elif extra is not None and leaf is not None and extra(path, leaf):
             _check_unique(path, seen, "the tree")
@@ -145,7 +145,7 @@ def describe(tree: Any, trainable: Targets = None, metadata: Mapping[str, Any] |
             if not isinstance(leaf, (jax.Array, np.ndarray)):
                 leaf = jnp.asarray(leaf)  # a Python scalar: store it as JAX would use it (float32, int32)
             arrays[key] = leaf
-            full.append({"path": path, "key": key, **_array_spec(leaf)})
+            full.append({"path": path, "key": key, **array_spec(leaf)})
     if not adapters and not full:
         raise StructureError("the tree has no LoRA weights and `trainable` matched no leaf: nothing to save")
     config = {"format": FORMAT, "format_version": FORMAT_VERSION, "library_version": __version__,
@@ -393,7 +393,8 @@ def check_stored(p: Plan, stored: Any) -> None:
                                       f"config says {jnp.dtype(tg.dtype)}")
 
 
-def _verify(x: Any, spec: dict, label: str, where: str) -> None:
+def verify(x: Any, spec: dict, label: str, where: str) -> None:
+    """CheckpointError unless ``x`` has the shape and CRC-32 ``spec`` records (a ``None`` CRC is not checked)."""
     if tuple(np.shape(x)) != tuple(spec["shape"]):
         raise CheckpointError(f"{where}: {label} was read with shape {tuple(np.shape(x))}, the config says "
                               f"{tuple(spec['shape'])}")
@@ -421,11 +422,11 @@ def assemble(p: Plan, restored: Mapping, dtype: Any = None) -> Any:
             kids = {}
             for name, spec in e.spec["arrays"].items():
                 x = got[name]
-                _verify(x, spec, f"'{e.spec['path']}' {name}", p.where)
+                verify(x, spec, f"'{e.spec['path']}' {name}", p.where)
                 kids[name] = x if dtype is None else x.astype(dtype)
             leaves[e.index] = LoraWeight(w, rank=e.spec["rank"], alpha=e.spec["alpha"],
                                          layout=_layout(e.spec), variant=e.spec["variant"], **kids)
         else:
-            _verify(got, e.spec, f"trained leaf '{e.spec['path']}'", p.where)
+            verify(got, e.spec, f"trained leaf '{e.spec['path']}'", p.where)
             leaves[e.index] = got.astype(jnp.result_type(w))
     return jax.tree_util.tree_unflatten(p.treedef, leaves)

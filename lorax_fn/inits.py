@@ -160,16 +160,12 @@ def to_original_base(trained: Any, initial: Any) -> Any:
             raise StructureError(f"'{path}': the trained and the initial LoRA weights differ in rank, layout, "
                                  "variant or shape; pass the tree lorafy returned for this run")
         ns = len(t.layout.stack)
-        original = i.w.astype(jnp.float32) + _delta(i)
+        original = lazy.materialize(lazy.as_lazy(i))  # merge's own sum: w_res + s·a₀b₀, in w's dtype
         a = jnp.concatenate([t.a, i.a.astype(t.a.dtype)], axis=-1)
         b = jnp.concatenate([t.b, -i.b.astype(t.b.dtype)], axis=ns)
         r2 = 2 * t.rank
         alpha = t.scale * (math.sqrt(r2) if t.variant == "rslora" else r2)  # the same scale at rank 2r
-        out.append(LoraWeight(original.astype(t.dtype), a, b, rank=r2, alpha=alpha, layout=t.layout,
+        out.append(LoraWeight(original, a, b, rank=r2, alpha=alpha, layout=t.layout,
                               variant=t.variant))
     return jax.tree_util.tree_unflatten(treedef, out)
 
-
-def _delta(lw: Any) -> jax.Array:
-    """``scale·a⊗b`` of one LoRA weight in its base's axis order, float32."""
-    return lazy.delta_value(lazy.as_lazy(lw), jnp.float32)

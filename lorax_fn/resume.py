@@ -87,17 +87,17 @@ def _record(item: dict) -> dict:
     an async save cannot make the record disagree with what Orbax copied then.
     """
     flat, _ = leaves_with_paths(_others(item))
-    return {"step": int(item["step"]), "arrays": [{"path": p, **_spec(x)} for p, x in flat]}
+    return {"step": int(item["step"]), "arrays": [{"path": p, **fmt.array_spec(_data(x))} for p, x in flat]}
 
 
 def _is_key(x: Any) -> bool:
     return jax.dtypes.issubdtype(getattr(x, "dtype", None), jax.dtypes.prng_key)
 
 
-def _spec(x: Any) -> dict:
-    """Shape, dtype and CRC-32 of one train-item array; a typed PRNG key (``noisy_sgd`` keeps one) by its key data,
-    which is also how Orbax's abstract templates describe it."""
-    return fmt._array_spec(jax.random.key_data(x) if _is_key(x) else x)
+def _data(x: Any) -> Any:
+    """A train-item array as recorded: a typed PRNG key (``noisy_sgd`` keeps one) by its key data, which is
+    also how Orbax's abstract templates describe it."""
+    return jax.random.key_data(x) if _is_key(x) else x
 
 
 def _targets(abstract: dict, record: dict | None, where: str) -> dict:
@@ -145,15 +145,11 @@ def _check_train(train: dict, record: dict | None, step: int, where: str) -> Non
         raise CheckpointError(f"{where}: read arrays {paths[:4]} but the step's config records "
                               f"{[e['path'] for e in specs][:4]}; the train item is damaged or mixed up")
     for (path, x), spec in zip(flat, specs):
-        have = _spec(x)
-        if (have["shape"], have["dtype"]) != (spec["shape"], spec["dtype"]):
-            raise CheckpointError(f"{where}: '{path}' was read as {have['dtype']}{tuple(have['shape'])}, the "
-                                  f"step's config records {spec['dtype']}{tuple(spec['shape'])}")
-        if None not in (have["crc32"], spec["crc32"]) and have["crc32"] != spec["crc32"]:
-            raise CheckpointError(
-                f"{where}: '{path}' fails its checksum (crc32 {have['crc32']:#010x}, recorded "
-                f"{spec['crc32']:#010x}): a data file of the train item is damaged. Restore another step "
-                "(restore(..., step=k))")
+        data = _data(x)
+        if np.dtype(data.dtype).name != spec["dtype"]:
+            raise CheckpointError(f"{where}: '{path}' was read as {np.dtype(data.dtype).name}, the step's config "
+                                  f"records {spec['dtype']}")
+        fmt.verify(data, spec, f"'{path}'", where)  # shape and CRC-32, as for the adapters
 
 
 def _cast(train: dict, abstract: dict) -> dict:

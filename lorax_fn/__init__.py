@@ -14,7 +14,8 @@ from .lorafy import lorafy
 from .merge import adapters, attach, base, merge
 from .optim import combine, optimizer, split, trainable_mask
 from .transform import Explanation, explain, lora
-from .weight import Layout, LoraWeight, is_lora
+from .kinds import DoRA, DoraWeight, Full, FullWeight, LoRA, LoraWeight, MoRA, MoraWeight, kinds, register_kind
+from .weight import Adapter, Layout, is_lora
 from .checkpoint import load_adapters, read_adapter_config, save_adapters, save_merged
 from .peft import load_peft, save_peft
 from .resume import AdapterCheckpointManager, Restored
@@ -22,6 +23,7 @@ from .resume import AdapterCheckpointManager, Restored
 __version__ = "0.1.0"
 
 __all__ = [  # the public API: everything else is internal
+    "Adapter", "DoRA", "DoraWeight", "Full", "FullWeight", "LoRA", "MoRA", "MoraWeight", "kinds", "register_kind",
     "ArgumentError", "Explanation", "Layout", "LayoutError", "LoraError", "LoraWeight", "MaterializationError",
     "MaterializationWarning", "NoAdapterWarning", "RankError", "StructureError", "TargetDtypeError", "TargetError",
     "Use", "adapters", "attach", "base", "combine", "explain", "is_lora", "lora", "lorafy",

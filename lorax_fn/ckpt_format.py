@@ -21,7 +21,6 @@ from __future__ import annotations
 import collections
 import difflib
 import json
-import math
 import zlib
 from typing import Any, Mapping, NamedTuple
 
@@ -33,14 +32,15 @@ from .errors import CheckpointError, LoraError, StructureError
 from .lorafy import Targets, _matcher
 from .paths import leaves_with_paths
 from .sharding_rules import adapter_shardings, leaf_sharding
-from .weight import Layout, LoraWeight, factor_shapes, is_lora
+from .weight import Layout, is_lora
 
 FORMAT = "lorax_fn.adapters"
-# 2: the config carries ``config_crc32``; version-1 configs (without it) still load
-FORMAT_VERSION = 2
+# 2: the config carries ``config_crc32``; version-1 configs (without it) still load.
+# 3: entries name their adapter ``kind``; written only when a kind other than LoRA is
+# stored, so that LoRA checkpoints stay readable by version-2 readers
+FORMAT_VERSION = 3
 ARRAYS, CONFIG = "arrays", "config"
 CONFIG_CRC = "config_crc32"
-VARIANTS = ("lora", "rslora")  # the values LoraWeight.scale understands
 
 
 class Entry(NamedTuple):
@@ -99,10 +99,14 @@ def _check_unique(path: str, seen: set, what: str) -> None:
     seen.add(path)
 
 
-def _children(lw: LoraWeight) -> dict[str, Any]:
-    """The trained arrays of a LoRA weight by field name (every child but ``w``)."""
-    flat, _ = jax.tree_util.tree_flatten_with_path(lw.replace(w=None))
-    return {kp[0].name: x for kp, x in flat}
+def _children(node) -> dict[str, Any]:
+    """The arrays an adapter stores, by child name: its trainable children (the base is the user's)."""
+    return {n: getattr(node, n) for n in node.trainable}
+
+
+def _static_json(node) -> dict:
+    """The node's static fields but the layout, as JSON values (LoRA: rank, alpha, variant)."""
+    return {n: v for n, v in node.config.items() if n != "layout"}
 
 
 def describe(tree: Any, trainable: Targets = None, metadata: Mapping[str, Any] | None = None,
@@ -134,7 +138,7 @@ def describe(tree: Any, trainable: Targets = None, metadata: Mapping[str, Any] |
             arrays[key] = kids
             lay = leaf.layout
             adapters.append({
-                "path": path, "key": key, "rank": leaf.rank, "alpha": leaf.alpha, "variant": leaf.variant,
+                "path": path, "key": key, "kind": leaf.kind, **_static_json(leaf),
                 "layout": {"stack": list(lay.stack), "in": list(lay.inputs), "out": list(lay.outputs)},
                 "base": {"shape": list(leaf.shape), "dtype": np.dtype(leaf.dtype).name},
                 "arrays": {name: array_spec(x) for name, x in kids.items()},
@@ -148,7 +152,8 @@ def describe(tree: Any, trainable: Targets = None, metadata: Mapping[str, Any] |
             full.append({"path": path, "key": key, **array_spec(leaf)})
     if not adapters and not full:
         raise StructureError("the tree has no LoRA weights and `trainable` matched no leaf: nothing to save")
-    config = {"format": FORMAT, "format_version": FORMAT_VERSION, "library_version": __version__,
+    version = 2 if all(e["kind"] == "lora" for e in adapters) else FORMAT_VERSION
+    config = {"format": FORMAT, "format_version": version, "library_version": __version__,
               "adapters": adapters, "trainable": full, "metadata": dict(metadata or {})}
     if train is not None:
         config["train"] = dict(train)
@@ -185,17 +190,15 @@ def validate(config: Any, where: str) -> dict:
     for e in _need(config, "adapters", list, where, ""):
         p = _need(e, "path", str, where, "adapters[].")
         ctx = f"adapters['{p}']."
-        for k, kind in (("key", str), ("rank", int), ("alpha", (int, float)), ("variant", str),
-                        ("layout", Mapping), ("base", Mapping), ("arrays", Mapping)):
+        for k, kind in (("key", str), ("layout", Mapping), ("base", Mapping), ("arrays", Mapping)):
             _need(e, k, kind, where, ctx)
-        if e["variant"] not in VARIANTS:
-            raise CheckpointError(f"{where}: config field '{ctx}variant' is {e['variant']!r}; expected one of "
-                                  f"{VARIANTS}")
-        if isinstance(e["rank"], bool) or e["rank"] < 1:
-            raise CheckpointError(f"{where}: config field '{ctx}rank' is {e['rank']!r}; it must be >= 1")
-        alpha = e["alpha"]
-        if isinstance(alpha, bool) or not math.isfinite(alpha) or alpha <= 0:
-            raise CheckpointError(f"{where}: config field '{ctx}alpha' is {alpha!r}; it must be finite and > 0")
+        if not isinstance(e.get("kind", "lora"), str):
+            raise CheckpointError(f"{where}: config field '{ctx}kind' is malformed")
+        try:
+            _node_class(e, where).read_config(e)
+        except ValueError as err:
+            field, why = err.args if len(err.args) == 2 else ("", str(err))
+            raise CheckpointError(f"{where}: config field '{ctx}{field}' {why}") from None
         for k in ("stack", "in", "out"):
             _need(e["layout"], k, list, where, ctx + "layout.")
         for k, kind in (("shape", list), ("dtype", str)):
@@ -234,24 +237,49 @@ def _layout(e: dict) -> Layout:
     return Layout(tuple(lay["stack"]), tuple(lay["in"]), tuple(lay["out"]))
 
 
+def _node_class(e: dict, where: str) -> type:
+    from .kinds import node_class
+    return node_class(e.get("kind", "lora"), where)  # entries before format 3 are LoRA
+
+
+def _static(e: dict, where: str) -> tuple:
+    """The node's static fields, in its class's order, from a validated entry."""
+    cls = _node_class(e, where)
+    config = {**cls.read_config(e), "layout": _layout(e)}
+    return tuple(config[n] for n in cls.static)
+
+
 def _expected(e: dict, where: str) -> dict[str, tuple]:
-    """Shapes of ``a`` and ``b`` implied by the base shape, layout and rank; the config must agree."""
+    """Shapes of the stored children implied by the base shape, layout and static fields; the config must agree."""
     shape, path = tuple(e["base"]["shape"]), e["path"]
+    cls = _node_class(e, where)
     try:
-        lay = _layout(e).check(shape, path)
+        lay = _layout(e)
+        if cls.kind != "full":
+            lay = lay.check(shape, path)
     except LoraError as err:
         raise CheckpointError(f"{where}: {err}") from None
-    sa, sb = factor_shapes(shape, lay, e["rank"])
-    want = {"a": sa, "b": sb}
+    config = {**cls.read_config(e), "layout": lay}
+    want = {n: tuple(x) for n, x in cls.child_shapes(shape, config).items()}
+    if "w" in cls.trainable:
+        want["w"] = shape
     for name, spec in e["arrays"].items():
         if name in want and tuple(spec["shape"]) != want[name]:
             raise CheckpointError(
-                f"{where}: config for '{path}' is inconsistent: rank {e['rank']} on base {shape} needs "
+                f"{where}: config for '{path}' is inconsistent: {_what(cls.kind, e)} on base {shape} needs "
                 f"{name} {want[name]}, the config lists {name} {tuple(spec['shape'])}")
-    if set(e["arrays"]) != set(want):
-        raise CheckpointError(f"{where}: config for '{path}' lists arrays {sorted(e['arrays'])}; this version "
-                              f"of lorax_fn reads exactly {sorted(want)}")
+    if set(e["arrays"]) != set(cls.trainable):
+        raise CheckpointError(f"{where}: config for '{path}' lists arrays {sorted(e['arrays'])}; a "
+                              f"{cls.kind} adapter stores exactly {sorted(cls.trainable)}")
     return want
+
+
+def _what(kind: str, fields: Mapping) -> str:
+    """'rank 4' for LoRA, 'a dora adapter of rank 4' for other kinds."""
+    rank = f"rank {fields['rank']}" if "rank" in fields else ""
+    if kind == "lora":
+        return rank
+    return f"a {kind} adapter" + (f" of {rank}" if rank else "")
 
 
 def _nearest(path: str, paths: list[str]) -> str:
@@ -325,16 +353,18 @@ def plan(config: dict, base: Any, where: str, shardings: Any = None) -> Plan:
         w = leaf.w if is_lora(leaf) else leaf
         if not jnp.issubdtype(jnp.result_type(w), jnp.floating):
             raise StructureError(f"{where}: base leaf '{path}' is {jnp.result_type(w)}, not floating point")
+        cls = _node_class(e, where)
         if is_lora(leaf):
-            have = {"a": tuple(np.shape(leaf.a)), "b": tuple(np.shape(leaf.b))}
-            if leaf.rank != e["rank"] or leaf.layout != _layout(e) or have != want:
+            have = {n: tuple(np.shape(getattr(leaf, n))) for n in leaf.trainable}
+            if type(leaf) is not cls or leaf._static != _static(e, where) or have != want:
+                shown = lambda d: ", ".join(f"{n} {v}" for n, v in d.items())  # noqa: E731
                 raise StructureError(
-                    f"{where}: '{path}' in the given tree has rank {leaf.rank} (a {have['a']}, b {have['b']}) "
-                    f"but the checkpoint has rank {e['rank']} (a {want['a']}, b {want['b']})")
-        shard = adapter_shardings(where_sh[i], _layout(e), len(saved), path)
+                    f"{where}: '{path}' in the given tree has {_what(leaf.kind, leaf.config)} ({shown(have)}) "
+                    f"but the checkpoint has {_what(cls.kind, e)} ({shown(want)})")
+        shard = adapter_shardings(where_sh[i], _layout(e), len(saved), path, signatures=cls.axes)
         if is_lora(leaf) and shardings is None:
             # a LoRA template (a training tree) keeps its adapters where they already live
-            shard = {k: leaf_sharding(getattr(leaf, k)) for k in shard}
+            shard = {k: leaf_sharding(getattr(leaf, k)) for k in leaf.trainable}
         tg = {name: jax.ShapeDtypeStruct(tuple(spec["shape"]), jnp.dtype(spec["dtype"]),
                                          sharding=shard.get(name, where_sh[i]))
               for name, spec in e["arrays"].items()}
@@ -424,8 +454,9 @@ def assemble(p: Plan, restored: Mapping, dtype: Any = None) -> Any:
                 x = got[name]
                 verify(x, spec, f"'{e.spec['path']}' {name}", p.where)
                 kids[name] = x if dtype is None else x.astype(dtype)
-            leaves[e.index] = LoraWeight(w, rank=e.spec["rank"], alpha=e.spec["alpha"],
-                                         layout=_layout(e.spec), variant=e.spec["variant"], **kids)
+            cls = _node_class(e.spec, p.where)
+            kids.setdefault("w", w)
+            leaves[e.index] = cls.tree_unflatten(_static(e.spec, p.where), [kids[n] for n in cls.children])
         else:
             verify(got, e.spec, f"trained leaf '{e.spec['path']}'", p.where)
             leaves[e.index] = got.astype(jnp.result_type(w))

@@ -83,28 +83,31 @@ def _inspect_lorax(path: Path, as_json: bool) -> int:
     n_adapter = sum(math.prod(s["shape"]) for e in ads for s in e["arrays"].values())
     n_base = sum(math.prod(e["base"]["shape"]) for e in ads)
     n_full = sum(math.prod(e["shape"]) for e in full)
-    ranks = sorted({e["rank"] for e in ads})
-    alphas = sorted({e["alpha"] for e in ads})
+    ranks = sorted({e["rank"] for e in ads if "rank" in e})
+    alphas = sorted({e["alpha"] for e in ads if "alpha" in e})
+    kinds = sorted({e.get("kind", "lora") + (f" ({e['variant']})" if e.get("variant", "lora") != "lora" else "")
+                    for e in ads})
     print(f"lorax_fn adapter checkpoint: {path}")
     if note:
         print(f"  ({note})")
     print(f"  written by        lorax_fn {cfg.get('library_version', '?')} (format {cfg['format_version']})")
     print(f"  adapters          {len(ads)} weights, rank {'/'.join(map(str, ranks)) or '-'}, "
           f"alpha {'/'.join(f'{a:g}' for a in alphas) or '-'}, "
-          f"variant {'/'.join(sorted({e['variant'] for e in ads})) or '-'}")
+          f"kind {'/'.join(kinds) or '-'}")
     print(f"  parameters        {n_adapter:,} in adapters (on {n_base:,} base weights)"
           + (f" + {n_full:,} in {len(full)} fully trained leaves" if full else ""))
     print(f"  size on disk      {_size(size)}")
     if cfg.get("metadata"):
         print(f"  metadata          {json.dumps(cfg['metadata'])}")
     if ads:
-        rows = [["path", "base shape", "dtype", "rank", "alpha", "stack/in/out", "a", "b"]]
+        rows = [["path", "base shape", "dtype", "rank", "alpha", "stack/in/out", "kind", "stored arrays"]]
         for e in ads:
             lay = e["layout"]
-            rows.append([e["path"], _shape(e["base"]["shape"]), e["base"]["dtype"], str(e["rank"]),
-                         f"{e['alpha']:g}", f"{_shape(lay['stack'])}/{_shape(lay['in'])}/{_shape(lay['out'])}",
-                         f"{_shape(e['arrays']['a']['shape'])} {e['arrays']['a']['dtype']}",
-                         f"{_shape(e['arrays']['b']['shape'])} {e['arrays']['b']['dtype']}"])
+            stored = ", ".join(f"{n} {_shape(a['shape'])} {a['dtype']}" for n, a in sorted(e["arrays"].items()))
+            rows.append([e["path"], _shape(e["base"]["shape"]), e["base"]["dtype"],
+                         str(e.get("rank", "-")), f"{e['alpha']:g}" if "alpha" in e else "-",
+                         f"{_shape(lay['stack'])}/{_shape(lay['in'])}/{_shape(lay['out'])}",
+                         e.get("kind", "lora"), stored])
         print()
         print(_table(rows))
     if full:

@@ -64,7 +64,7 @@ def _scan(ctx, eqn, invals):
 
     def body(carry, x):
         x, key = x
-        xv = [Lazy(*c, m) if m is not None else c for c, m in zip(x, metas)]
+        xv = [Lazy.tree_unflatten(m, c) if m is not None else c for c, m in zip(x, metas)]
         with _step_dropout(ctx, rate, key):
             outs = run_closed(ctx, p["jaxpr"], list(consts) + list(carry) + xv, dense_outputs=True)
         return outs[:ncar], outs[ncar:]
@@ -168,21 +168,13 @@ def _custom_vjp(ctx, eqn, invals):
 
 
 def _shard_map(ctx, eqn, invals):
-    from jax.sharding import PartitionSpec as P
-
     p = eqn.params
     specs = []
     for v, spec in zip(invals, p["in_specs"]):
         if not isinstance(v, Lazy):
             specs.append(spec)
             continue
-        full = tuple(spec) + (None,) * (v.w.ndim - len(tuple(spec)))
-        canon = [None] * v.w.ndim
-        for k, c in enumerate(v.meta.axes):
-            canon[c] = full[k]
-        m = v.meta
-        specs.append(Lazy(spec, P(*canon[:m.ns + m.ni], None),
-                          P(*canon[:m.ns], None, *canon[m.ns + m.ni:]), m))
+        specs.append(v.with_parts(spec, lz.child_specs(v, tuple(spec))))
 
     def fn(*args):
         return tuple(run_closed(ctx, p["jaxpr"], args, dense_outputs=True))

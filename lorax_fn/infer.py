@@ -33,6 +33,7 @@ class Seen(NamedTuple):
     stack: frozenset
     inputs: frozenset
     outputs: frozenset
+    primitive: str = ""  # the consuming primitive
 
 
 def _sub(j):
@@ -61,13 +62,13 @@ def _walk(jaxpr, tracks: list, seen: dict) -> list:
     return [get(v) for v in jaxpr.outvars]
 
 
-def _observe(seen, t: Track, inputs, stack=frozenset()):
+def _observe(seen, t: Track, inputs, stack=frozenset(), primitive: str = ""):
     all_axes = frozenset().union(*t.axmap) if t.axmap else frozenset()
     stack = frozenset(stack) | t.stacked
     inputs = frozenset(inputs) - stack
     outputs = all_axes - inputs - stack
     if inputs and outputs:  # else an activation derived from the weight (a looked-up row)
-        seen.setdefault(t.leaf, []).append(Seen(stack, inputs, outputs))
+        seen.setdefault(t.leaf, []).append(Seen(stack, inputs, outputs, primitive))
 
 
 def _axes(t: Track, ks) -> frozenset:
@@ -112,18 +113,18 @@ def _step(eqn, ins, seen):
         (lc, rc), (lb, rb) = p["dimension_numbers"]
         for t2, c, b in ((ins[0], lc, lb), (ins[1], rc, rb)):
             if t2 is not None:
-                _observe(seen, t2, _axes(t2, c), _axes(t2, b))
+                _observe(seen, t2, _axes(t2, c), _axes(t2, b), "dot_general")
         return [None]
     if name == "conv_general_dilated":
         rt = ins[1]
         if rt is not None:
             spec = p["dimension_numbers"].rhs_spec
-            _observe(seen, rt, _axes(rt, [spec[1], *spec[2:]]))
+            _observe(seen, rt, _axes(rt, [spec[1], *spec[2:]]), primitive="conv_general_dilated")
         return [None]
     if name == "gather" and t is not None:
         dn = p["dimension_numbers"]
         indexed = sorted(set(dn.start_index_map) | set(dn.collapsed_slice_dims))
-        _observe(seen, t, _axes(t, indexed))  # read as a row lookup (an embedding)
+        _observe(seen, t, _axes(t, indexed), primitive="gather")  # read as a row lookup (an embedding)
         # the rows may be weights themselves (experts[ids]): follow them, indexed axes stacked
         kept = [k for k in range(len(t.axmap)) if k not in dn.collapsed_slice_dims]
         axmap = [frozenset()] * len(eqn.outvars[0].aval.shape)

@@ -21,7 +21,7 @@ import jax.numpy as jnp
 from . import lazy
 from .errors import StructureError
 from .paths import leaves_with_paths
-from .weight import Layout, LoraWeight, factor_shapes, is_lora
+from .weight import Layout, factor_shapes, is_lora
 
 RANDOM = ("kaiming", "gaussian")
 FROM_WEIGHT = ("pissa", "olora")
@@ -146,6 +146,8 @@ def to_original_base(trained: Any, initial: Any) -> Any:
         >>> plain["w"].rank, bool(jnp.allclose(lf.merge(plain)["w"], lf.merge(trained)["w"], atol=1e-5))
         (4, True)
     """
+    from .kinds.lora import LoraWeight
+
     flat_t, treedef = leaves_with_paths(trained, is_leaf=is_lora)
     flat_i, treedef_i = leaves_with_paths(initial, is_leaf=is_lora)
     if treedef != treedef_i:
@@ -153,19 +155,22 @@ def to_original_base(trained: Any, initial: Any) -> Any:
                              "and the same tree after training")
     out = []
     for (path, t), (_, i) in zip(flat_t, flat_i):
-        if not is_lora(t):
-            out.append(t)
+        if not is_lora(t) or not {"a", "b"} <= set(t.children):
+            out.append(t)  # kinds without LoRA factors never rewrite the base
             continue
-        if not is_lora(i) or (t.rank, t.layout, t.variant, t.shape) != (i.rank, i.layout, i.variant, i.shape):
+        if type(i) is not type(t) or t._static != i._static or t.shape != i.shape:
             raise StructureError(f"'{path}': the trained and the initial LoRA weights differ in rank, layout, "
                                  "variant or shape; pass the tree lorafy returned for this run")
         ns = len(t.layout.stack)
-        original = lazy.materialize(lazy.as_lazy(i))  # merge's own sum: w_res + s·a₀b₀, in w's dtype
+        # merge's own LoRA sum w_res + s·a₀b₀ in w's dtype (a DoRA magnitude applies on top of it, unchanged)
+        original = lazy.materialize(lazy.as_lazy(LoraWeight(i.w, i.a, i.b, rank=i.rank, alpha=i.alpha,
+                                                            layout=i.layout, variant=i.variant)))
         a = jnp.concatenate([t.a, i.a.astype(t.a.dtype)], axis=-1)
         b = jnp.concatenate([t.b, -i.b.astype(t.b.dtype)], axis=ns)
         r2 = 2 * t.rank
         alpha = t.scale * (math.sqrt(r2) if t.variant == "rslora" else r2)  # the same scale at rank 2r
-        out.append(LoraWeight(original, a, b, rank=r2, alpha=alpha, layout=t.layout,
-                              variant=t.variant))
+        kids = {n: getattr(t, n) for n in t.children}
+        kids.update(w=original, a=a, b=b)
+        config = {**t.config, "rank": r2, "alpha": alpha}
+        out.append(type(t).tree_unflatten(tuple(config[n] for n in t.static), [kids[n] for n in t.children]))
     return jax.tree_util.tree_unflatten(treedef, out)
-

@@ -1,37 +1,39 @@
-"""The interpreter's lazy LoRA value: ``w + scale · a ⊗_r b`` kept in factored form.
+"""The interpreter's lazy adapted value: a base ``w`` plus a kind's children, unmerged.
 
-A ``Lazy`` is what a ``LoraWeight`` becomes inside :func:`lorax_fn.lora` after
-structural operations (casts, transposes, reshapes, slices of stacked layers).
-Its axes keep their roles: every value axis maps to one *canonical* axis, and
-the canonical order is ``stack + in + out`` — the order of ``a``'s and ``b``'s
-non-rank axes. ``a: stack + in + (r,)``, ``b: stack + (r,) + out`` and the value
-equals ``w + scale · transpose(einsum(a, b), axes)``.
+A ``Lazy`` is what an adapter node (a ``LoraWeight``, a ``DoraWeight`` …)
+becomes inside :func:`lorax_fn.lora` after structural operations (casts,
+transposes, reshapes, slices of stacked layers). Its axes keep their roles:
+every value axis maps to one *canonical* axis, and the canonical order is
+``stack + in + out``. Each child is laid out by its kind's signature (LoRA:
+``a: stack + in + (r,)``, ``b: stack + (r,) + out``), so the structural
+operations here move children without knowing the kind; only the kind knows
+the value (``kind.dense``).
 """
 
 from __future__ import annotations
 
-import functools
-import string
 from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
 from jax import lax
 
-from .weight import LoraWeight
-
-LETTERS = string.ascii_letters.replace("R", "")  # 'R' is reserved for the rank axis
 
 
 class Meta(NamedTuple):
     """Static part of a lazy value."""
 
-    scale: float
+    kind: type  # the adapter node's class: its hooks and child signatures
+    static: tuple  # the node's static fields, in ``kind.static`` order
     axes: tuple[int, ...]  # value axis k is canonical axis axes[k]
     ns: int
     ni: int
     no: int
     path: str
+
+    @property
+    def config(self) -> dict:
+        return dict(zip(self.kind.static, self.static))
 
     def role(self, k: int) -> str:
         """'s', 'i' or 'o' for value axis k."""
@@ -44,19 +46,36 @@ class Meta(NamedTuple):
 
 @jax.tree_util.register_pytree_node_class
 class Lazy:
-    """A LoRA weight value flowing through the interpreter (internal)."""
+    """An adapted weight flowing through the interpreter (internal): the base
+    ``w`` in value order, the kind's other children by their signatures."""
 
-    __slots__ = ("w", "a", "b", "meta")
+    __slots__ = ("w", "parts", "meta")
 
-    def __init__(self, w, a, b, meta: Meta):
-        self.w, self.a, self.b, self.meta = w, a, b, meta
+    def __init__(self, w, parts, meta: Meta):
+        self.w, self.parts, self.meta = w, tuple(parts), meta
 
     def tree_flatten(self):
-        return (self.w, self.a, self.b), self.meta
+        return (self.w,) + self.parts, self.meta
 
     @classmethod
     def tree_unflatten(cls, meta, children):
-        return cls(*children, meta)
+        return cls(children[0], children[1:], meta)
+
+    def __getattr__(self, name):
+        names = self.meta.kind.children[1:]
+        if name in names:
+            return self.parts[names.index(name)]
+        raise AttributeError(name)
+
+    def child(self, name):
+        return self.parts[self.meta.kind.children.index(name) - 1]
+
+    def with_parts(self, w, parts, meta=None) -> "Lazy":
+        return Lazy(w, parts, self.meta if meta is None else meta)
+
+    def signatures(self):
+        kind = self.meta.kind
+        return [kind.axes[n] for n in kind.children[1:]]
 
     @property
     def shape(self):
@@ -71,136 +90,116 @@ class Lazy:
         return self.w.ndim
 
     def __repr__(self):
-        return f"Lazy({self.meta.path}, shape={self.w.shape}, axes={self.meta.axes})"
+        return f"Lazy({self.meta.kind.kind}, {self.meta.path}, shape={self.w.shape}, axes={self.meta.axes})"
 
 
-def as_lazy(lw: LoraWeight, path: str = "") -> Lazy:
-    """The lazy value of a ``LoraWeight``, axes in the base weight's order."""
-    lay = lw.layout
+def as_lazy(node, path: str = "") -> Lazy:
+    """The lazy value of an adapter node, axes in the base weight's order."""
+    lay = node.layout
     order = lay.stack + lay.inputs + lay.outputs
     axes = tuple(order.index(k) for k in range(len(order)))
-    meta = Meta(float(lw.scale), axes, len(lay.stack), len(lay.inputs), len(lay.outputs), path)
-    return Lazy(lw.w, lw.a, lw.b, meta)
+    kind = type(node)
+    meta = Meta(kind, node._static, axes, len(lay.stack), len(lay.inputs), len(lay.outputs), path)
+    return Lazy(node.w, [getattr(node, n) for n in kind.children[1:]], meta)
 
 
-def from_weight(lw: LoraWeight, path: str) -> Lazy:
+def from_weight(node, path: str) -> Lazy:
     """Start a lazy value for the interpreter: the base takes no gradient."""
-    z = as_lazy(lw, path)
-    return Lazy(lax.stop_gradient(z.w), z.a, z.b, z.meta)
+    z = as_lazy(node, path)
+    return Lazy(lax.stop_gradient(z.w), z.parts, z.meta)
 
 
-def letters(meta: Meta, value_letters: str) -> tuple[str, str]:
-    """einsum specs of ``a`` and ``b`` given one letter per value axis."""
-    canon = [""] * len(meta.axes)
-    for k, c in enumerate(meta.axes):
-        canon[c] = value_letters[k]
-    s, i, o = canon[:meta.ns], canon[meta.ns:meta.ns + meta.ni], canon[meta.ns + meta.ni:]
-    return "".join(s + i) + "R", "".join(s) + "R" + "".join(o)
+# ------------------------------------------------------- child signatures
+def _segments(sig: str, ns: int, ni: int, no: int) -> list[tuple[str, int]]:
+    """``(role, number of axes)`` per character of a child signature."""
+    count = {"s": ns, "i": ni, "o": no}
+    return [(c, count.get(c, 1)) for c in sig]
 
 
-# Up to this rank ΔW is built as a sum of r broadcast outer products, which XLA
-# fuses with the add into one pass over w; a rank-r matmul writing an in×out
-# result runs far below memory speed on CPU (merge took 1.9× a plain copy of
-# the params that way, under 1.5× this way). Larger ranks use the matmul.
-UNROLL_RANK = 16
+def child_shape(sig: str, x_shape, m: Meta, s, i, o) -> tuple:
+    """The shape of a child of signature ``sig`` (now ``x_shape`` under ``m``) for canonical sizes s, i, o."""
+    out, pos = [], 0
+    new = {"s": tuple(s), "i": tuple(i), "o": tuple(o)}
+    for role, n in _segments(sig, m.ns, m.ni, m.no):
+        out.extend(new[role] if role in new else x_shape[pos:pos + n])
+        pos += n
+    return tuple(out)
 
 
-def delta_value(z: Lazy, dtype) -> jax.Array:
-    """``scale · a ⊗_r b`` in the value's axis order, in ``dtype``."""
+def child_axes(sig: str, m: Meta) -> list[tuple[str, int]]:
+    """For each axis of a child: (role or own letter, canonical index or -1)."""
+    out = []
+    start = {"s": 0, "i": m.ns, "o": m.ns + m.ni}
+    for role, n in _segments(sig, m.ns, m.ni, m.no):
+        for j in range(n):
+            out.append((role, start[role] + j) if role in start else (role, -1))
+    return out
+
+
+def canonical_sizes(z: Lazy) -> tuple[tuple, tuple, tuple]:
+    """Canonical sizes (stack, in, out) of a lazy value."""
+    canon = [0] * len(z.meta.axes)
+    for k, c in enumerate(z.meta.axes):
+        canon[c] = z.w.shape[k]
     m = z.meta
-    rank = z.a.shape[-1]
-    if rank > UNROLL_RANK or not (m.ni and m.no):
-        vl = LETTERS[:len(m.axes)]
-        sa, sb = letters(m, vl)
-        d = jnp.einsum(f"{sa},{sb}->{vl}", z.a, z.b, preferred_element_type=dtype)
-        return d.astype(dtype) * jnp.asarray(m.scale, dtype)
-    a = z.a.astype(dtype) * jnp.asarray(m.scale, dtype)
-    b = z.b.astype(dtype)
-    ns, ni, no = m.ns, m.ni, m.no
-    canon = a.shape[:-1] + b.shape[ns + 1:]
-    # a's rank slice broadcasts along the first out axis, b's along the first in axis
-    a_dims = tuple(range(ns + ni)) + (ns + ni,)
-    b_dims = tuple(range(ns)) + (ns,) + tuple(range(ns + ni, ns + ni + no))
-    d = None
-    for r in range(rank):
-        ar = lax.broadcast_in_dim(lax.slice_in_dim(a, r, r + 1, axis=a.ndim - 1), canon, a_dims)
-        br = lax.broadcast_in_dim(lax.slice_in_dim(b, r, r + 1, axis=ns), canon, b_dims)
-        d = ar * br if d is None else d + ar * br
-    return lax.transpose(d, m.axes)
+    return tuple(canon[:m.ns]), tuple(canon[m.ns:m.ns + m.ni]), tuple(canon[m.ns + m.ni:])
+
+
+def canonical(z: Lazy, x):
+    """A value-order array (such as ``w``) in canonical order ``stack + in + out``."""
+    inv = [0] * len(z.meta.axes)
+    for k, c in enumerate(z.meta.axes):
+        inv[c] = k
+    return jnp.transpose(x, inv)
+
+
+def to_value(z: Lazy, x):
+    """A canonical-order array in the value's axis order."""
+    return jnp.transpose(x, z.meta.axes)
 
 
 def materialize(z: Lazy) -> jax.Array:
-    """The dense value ``w + ΔW`` in ``w``'s dtype (accumulated in at least float32)."""
-    return add_delta(z.w, delta_value(z, jnp.promote_types(z.w.dtype, jnp.float32)))
-
-
-def rank_major_grad(a: jax.Array, ns: int) -> jax.Array:
-    """``a`` unchanged, but its cotangent is built with the rank axis leading.
-
-    ``a``'s gradient is a contraction over tokens, ``x^T · g``. Left to itself
-    XLA writes it straight into ``a``'s rank-minor layout, and on CPU that dot is
-    several times slower than the same dot writing ``(r, in)``. The barrier pins
-    the rank-major tangent (and so cotangent); the transpose back to ``a``'s
-    layout is a small copy. Only the tangent goes through it: without
-    differentiation this is the identity and compiles to nothing.
-    """
-    if a.ndim < 2:
-        return a
-    return _rank_major(a, ns)
-
-
-@functools.partial(jax.custom_jvp, nondiff_argnums=(1,))
-def _rank_major(a, ns):
-    return a
-
-
-@_rank_major.defjvp
-def _rank_major_jvp(ns, primals, tangents):
-    # the primal goes through its own barrier too: in training, a rank-major
-    # copy of ``a`` for the forward products measured faster as well
-    (a,), (da,) = primals, tangents
-    perm = tuple(range(ns)) + (a.ndim - 1,) + tuple(range(ns, a.ndim - 1))
-    inv = tuple(perm.index(k) for k in range(a.ndim))
-    pinned = lambda t: jnp.transpose(lax.optimization_barrier(jnp.transpose(t, perm)), inv)
-    return pinned(a), pinned(da)
+    """The dense value of ``z`` (``w + ΔW`` for LoRA) in ``w``'s dtype, from its kind."""
+    return z.meta.kind.dense(z)
 
 
 # ---------------------------------------------------------------- structure
 def cast(z: Lazy, dtype) -> Lazy:
-    return Lazy(z.w.astype(dtype), z.a.astype(dtype), z.b.astype(dtype), z.meta)
+    # integer children (indices, seeds) keep their type; floating ones follow the value
+    parts = [p.astype(dtype) if jnp.issubdtype(p.dtype, jnp.floating) else p for p in z.parts]
+    return z.with_parts(z.w.astype(dtype), parts)
 
 
 def transpose(z: Lazy, perm) -> Lazy:
     meta = z.meta._replace(axes=tuple(z.meta.axes[p] for p in perm))
-    return Lazy(jnp.transpose(z.w, perm), z.a, z.b, meta)
+    return z.with_parts(jnp.transpose(z.w, perm), z.parts, meta)
 
 
-def _split_canon(meta: Meta, a_shape, b_shape):
-    """Canonical sizes (stack, in, out) read off the factors."""
-    s = tuple(a_shape[:meta.ns])
-    i = tuple(a_shape[meta.ns:meta.ns + meta.ni])
-    o = tuple(b_shape[meta.ns + 1:])
-    return s, i, o
+def _reshaped(z: Lazy, w, sizes, ns: int, ni: int, axes) -> Lazy:
+    """``z`` with value ``w``, canonical sizes ``sizes`` split ``ns``/``ni``/rest, children reshaped."""
+    m = z.meta
+    s, i, o = sizes[:ns], sizes[ns:ns + ni], sizes[ns + ni:]
+    parts = [p.reshape(child_shape(sig, p.shape, m, s, i, o)) for p, sig in zip(z.parts, z.signatures())]
+    meta = m._replace(axes=tuple(axes), ns=ns, ni=ni, no=len(sizes) - ns - ni)
+    return z.with_parts(w, parts, meta)
 
 
 def _drop_units(z: Lazy) -> Lazy:
-    """Remove size-1 value axes from the value and from the factors."""
+    """Remove size-1 value axes from the value and from the children."""
     keep = [k for k, n in enumerate(z.w.shape) if n != 1]
     if len(keep) == len(z.w.shape):
         return z
-    dropped = {z.meta.axes[k] for k in range(len(z.w.shape)) if k not in keep}
     m = z.meta
-    s, i, o = _split_canon(m, z.a.shape, z.b.shape)
+    dropped = {m.axes[k] for k in range(len(z.w.shape)) if k not in keep}
+    s, i, o = canonical_sizes(z)
     canon = list(s + i + o)
     groups = [range(0, m.ns), range(m.ns, m.ns + m.ni), range(m.ns + m.ni, len(canon))]
-    ns, ni, no = (sum(1 for c in g if c not in dropped) for g in groups)
+    ns, ni, _ = (sum(1 for c in g if c not in dropped) for g in groups)
     renum = {c: n for n, c in enumerate(c for c in range(len(canon)) if c not in dropped)}
     sizes = [canon[c] for c in range(len(canon)) if c not in dropped]
-    a = z.a.reshape(tuple(sizes[:ns + ni]) + (z.a.shape[-1],))
-    b = z.b.reshape(tuple(sizes[:ns]) + (z.a.shape[-1],) + tuple(sizes[ns + ni:]))
     axes = tuple(renum[m.axes[k]] for k in keep)
     w = z.w.reshape(tuple(z.w.shape[k] for k in keep))
-    return Lazy(w, a, b, Meta(m.scale, axes, ns, ni, no, m.path))
+    return _reshaped(z, w, sizes, ns, ni, axes)
 
 
 def reshape_runs(old, new):
@@ -256,16 +255,12 @@ def reshape(z: Lazy, new_shape) -> Lazy | None:
             new_axes[j] = len(sizes)
             sizes.append(new_shape[j])
             counts[role] += 1
-    ns, ni = counts["s"], counts["i"]
-    r = z.a.shape[-1]
-    a = z.a.reshape(tuple(sizes[:ns + ni]) + (r,))
-    b = z.b.reshape(tuple(sizes[:ns]) + (r,) + tuple(sizes[ns + ni:]))
-    meta = Meta(m.scale, tuple(new_axes[j] for j in range(len(new_shape))), ns, ni, counts["o"], m.path)
-    return Lazy(z.w.reshape(new_shape), a, b, meta)
+    axes = tuple(new_axes[j] for j in range(len(new_shape)))
+    return _reshaped(z, z.w.reshape(new_shape), sizes, counts["s"], counts["i"], axes)
 
 
 def _stack_index(z: Lazy, per_axis):
-    """Build per-factor index tuples from a per-value-axis list over stack axes only."""
+    """Per-canonical-stack-axis entries from a per-value-axis list (stack axes only)."""
     m = z.meta
     by_canon = {m.axes[k]: per_axis[k] for k in range(len(m.axes)) if m.role(k) == "s"}
     return [by_canon[c] for c in range(m.ns)]
@@ -279,9 +274,10 @@ def slice_stack(z: Lazy, start, limit, strides) -> Lazy | None:
         full = start[k] == 0 and limit[k] == shape[k] and strides[k] == 1
         if m.role(k) != "s" and not full:
             return None
-    sl = _stack_index(z, [slice(s, l, st) for s, l, st in zip(start, limit, strides)])
+    sl = tuple(_stack_index(z, [slice(s, l, st) for s, l, st in zip(start, limit, strides)]))
     w = lax.slice(z.w, start, limit, strides)
-    return Lazy(w, z.a[tuple(sl)], z.b[tuple(sl)], m)
+    # every child signature starts with the stack axes
+    return z.with_parts(w, [p[sl] for p in z.parts])
 
 
 def dynamic_slice_stack(z: Lazy, starts, sizes) -> Lazy | None:
@@ -291,31 +287,40 @@ def dynamic_slice_stack(z: Lazy, starts, sizes) -> Lazy | None:
         if m.role(k) != "s" and sizes[k] != shape[k]:
             return None
     s_starts = _stack_index(z, list(starts))
-    s_sizes = _stack_index(z, list(sizes))
+    s_sizes = tuple(_stack_index(z, list(sizes)))
     zero = jnp.zeros((), jnp.result_type(*starts) if starts else jnp.int32)
-    a_start = s_starts + [zero] * (z.a.ndim - m.ns)
-    b_start = s_starts + [zero] * (z.b.ndim - m.ns)
-    a = lax.dynamic_slice(z.a, a_start, tuple(s_sizes) + z.a.shape[m.ns:])
-    b = lax.dynamic_slice(z.b, b_start, tuple(s_sizes) + z.b.shape[m.ns:])
-    w = lax.dynamic_slice(z.w, starts, sizes)
-    return Lazy(w, a, b, m)
+    parts = [lax.dynamic_slice(p, s_starts + [zero] * (p.ndim - m.ns), s_sizes + p.shape[m.ns:])
+             for p in z.parts]
+    return z.with_parts(lax.dynamic_slice(z.w, starts, sizes), parts)
 
 
 def unstack_leading(z: Lazy) -> tuple[tuple, Meta] | None:
     """Children stacked along axis 0 for ``scan`` xs, and the per-slice meta.
 
-    Needs value axis 0 to be a stack axis; the factors are rearranged so that
+    Needs value axis 0 to be a stack axis; the children are rearranged so that
     that axis is their leading axis too.
     """
     m = z.meta
     if not m.axes or m.role(0) != "s":
         return None
     c = m.axes[0]
-    a, b = jnp.moveaxis(z.a, c, 0), jnp.moveaxis(z.b, c, 0)
+    parts = tuple(jnp.moveaxis(p, c, 0) for p in z.parts)
     # moving canonical axis c to the front and slicing it off shifts the ones after it down
     fixed = tuple((x - 1) if x > c else x for x in m.axes[1:])
-    meta = Meta(m.scale, fixed, m.ns - 1, m.ni, m.no, m.path)
-    return (z.w, a, b), meta
+    meta = m._replace(axes=fixed, ns=m.ns - 1)
+    return (z.w,) + parts, meta
+
+
+def child_specs(z: Lazy, value_spec) -> list:
+    """PartitionSpecs of the children given one spec entry per value axis (own axes replicated)."""
+    from jax.sharding import PartitionSpec as P
+
+    full = tuple(value_spec) + (None,) * (len(z.meta.axes) - len(tuple(value_spec)))
+    canon = [None] * len(z.meta.axes)
+    for k, c in enumerate(z.meta.axes):
+        canon[c] = full[k]
+    return [P(*(canon[c] if c >= 0 else None for _, c in child_axes(sig, z.meta)))
+            for sig in z.signatures()]
 
 
 def add_delta(w, d):

@@ -11,10 +11,11 @@ from typing import Any, Callable, Mapping, Sequence, Union
 import jax
 import jax.numpy as jnp
 
-from . import checks, infer, inits
+from . import checks, infer, inits, kinds
 from .errors import ArgumentError, LayoutError, NoAdapterWarning, RankError, TargetDtypeError, TargetError
 from .paths import leaves_with_paths
-from .weight import Layout, LoraWeight, default_layout, is_lora
+from .kinds.full import FullWeight
+from .weight import Layout, default_layout, is_lora
 
 Targets = Union[None, str, Sequence[str], Callable[[str, Any], bool]]
 LayoutSpec = Union[None, Layout, Sequence, Mapping[str, Any], Callable[[str, Any], Any]]
@@ -154,6 +155,8 @@ def lorafy(
     dtype: Any = None,
     rank_pattern: Mapping[str, int] | None = None,
     alpha_pattern: Mapping[str, float] | None = None,
+    variant: Any = "lora",
+    trainable: Targets = None,
 ) -> Any:
     """Replace target weights of ``params`` by :class:`LoraWeight` (frozen base + ``a``, ``b``).
 
@@ -197,6 +200,17 @@ def lorafy(
       dtype: dtype of ``a`` and ``b`` (default: the base weight's). Pass
         ``jnp.float32`` to train float32 adapters on a bfloat16 base, as PEFT's
         ``autocast_adapter_dtype`` does; ``merge`` still returns the base dtype.
+      variant: the adapter kind: ``"lora"`` (default), ``"dora"`` (DoRA: a
+        trainable magnitude per output unit), ``"mora"`` (MoRA type 6: one
+        square matrix of LoRA's trainable count, a high-rank update), or a
+        config object: ``lf.LoRA(rslora=...)``, ``lf.DoRA(...)``,
+        ``lf.MoRA(type=1 | 6)``, or a kind registered with
+        :func:`register_kind`.
+      trainable: leaves that train in full beside the adapters (biases, norms,
+        a new head: PEFT's ``modules_to_save``), same forms as ``targets``.
+        Each becomes a :class:`FullWeight`, which the optimizer trains,
+        ``save_adapters`` stores and ``merge`` unwraps. A leaf both targeted
+        explicitly and named here is an error.
 
     Returns:
       A pytree of ``params``'s structure with ``LoraWeight`` nodes at the targets.
@@ -215,7 +229,11 @@ def lorafy(
         that small are left dense, with a warning naming them).
       ArgumentError: ``alpha`` is not a finite number > 0, ``dtype`` is not a
         floating-point dtype of at least 16 bits, ``key`` is not one PRNG key,
-        or ``init`` is unknown.
+        ``init`` is unknown, ``variant`` is not a known kind or config, or
+        ``init`` does not apply to the variant (MoRA starts at zero).
+      TargetError: with ``fn``, a target is used by a primitive its variant is
+        not defined for (MoRA on a convolution), or ``trainable`` matched no
+        leaf or overlaps explicit ``targets``.
       LayoutError: a layout does not fit its weight's shape.
 
     Warns:
@@ -233,6 +251,8 @@ def lorafy(
     why = inits.check(init)
     if why is not None:
         raise ArgumentError(why)
+    cfg = kinds.resolve(variant, rslora)
+    node_cls = cfg.adapter
     rank = checks.rank(rank)
     alpha = None if alpha is None else checks.alpha(alpha)
     ranks = _Patterns("rank_pattern", rank_pattern, lambda v, k: checks.rank(v, f"rank_pattern[{k!r}]"))
@@ -242,11 +262,21 @@ def lorafy(
     flat, treedef = leaves_with_paths(params, is_leaf=is_lora)
     paths = [p for p, _ in flat]
     want, skip = _matcher(targets, "targets"), _matcher(exclude, "exclude")
+    full = _matcher(trainable, "trainable")
     seen = infer.observe(fn, params, is_leaf=is_lora) if fn is not None else None
 
-    chosen, too_small, excluded = [], [], 0
+    chosen, too_small, excluded, trained = [], [], 0, []
     for i, (path, leaf) in enumerate(flat):
         if is_lora(leaf):
+            continue
+        if full is not None and full(path, leaf):
+            if want is not None and want(path, leaf):
+                raise TargetError(f"'{path}' is matched by both `targets` and `trainable`: it either gets an "
+                                  "adapter or trains in full; narrow one of them")
+            if not _is_float(leaf):
+                raise TargetDtypeError(f"trainable leaf '{path}' is {getattr(leaf, 'dtype', type(leaf).__name__)}"
+                                       ", not floating point: it cannot take gradients")
+            trained.append(i)
             continue
         if skip is not None and skip(path, leaf):
             excluded += 1
@@ -284,8 +314,9 @@ def lorafy(
         lay = lay.check(tuple(leaf.shape), path)
         fan_in = math.prod(leaf.shape[k] for k in lay.inputs)
         fan_out = math.prod(leaf.shape[k] for k in lay.outputs)
+        _check_primitives(node_cls, path, seen.get(i, []) if seen is not None else [])
         r, from_pattern = ranks.lookup(path, rank)
-        if r > min(fan_in, fan_out):
+        if "rank" in node_cls.static and r > min(fan_in, fan_out):
             msg = (f"rank {r} exceeds the factorised dims of '{path}' (shape "
                    f"{tuple(leaf.shape)}: in {fan_in}, out {fan_out})")
             if want is not None or from_pattern:
@@ -295,6 +326,9 @@ def lorafy(
         al, _ = alphas.lookup(path, float(r) if alpha is None else alpha)
         chosen.append((i, path, leaf, lay, fan_in, r, al))
 
+    if full is not None and not trained:
+        raise TargetError(f"trainable={trainable!r} matched no floating leaf; nearest paths: "
+                          f"{_nearest(trainable, paths)}{_partial_hint(trainable, paths)}")
     if want is not None and not chosen:
         raise TargetError(f"targets={targets!r} matched no adaptable leaf; nearest paths: "
                           f"{_nearest(targets, paths)}{_partial_hint(targets, paths)}")
@@ -303,19 +337,25 @@ def lorafy(
                       f"{_nearest(exclude, paths)}{_partial_hint(exclude, paths)}", UserWarning, stacklevel=2)
     for table in (ranks, alphas):
         table.check_used([p for _, p, *_ in chosen])
-    if not chosen and not any(is_lora(leaf) for _, leaf in flat):  # adapters already there still train
+    if not chosen and not trained and not any(is_lora(leaf) for _, leaf in flat):  # adapters already there still train
         warnings.warn(_why_nothing(rank, too_small, fn, seen), NoAdapterWarning, stacklevel=2)
     elif too_small:
         warnings.warn("lorafy left these default targets dense: " + "; ".join(too_small)
                       + ". Pass `targets` to choose leaves explicitly.", stacklevel=2)
     new = [leaf for _, leaf in flat]
-    variant = "rslora" if rslora else "lora"
+    for i in trained:
+        new[i] = FullWeight(new[i])
     for n, (i, path, leaf, lay, fan_in, rank, alpha) in enumerate(chosen):
         k, adapter_dtype = jax.random.fold_in(key, n), leaf.dtype if dtype is None else dtype
-        if inits.rewrites_base(init):
-            scale = alpha / math.sqrt(rank) if rslora else alpha / rank
-            w, a, b = inits.from_weight(k, leaf, lay, rank, scale, adapter_dtype, init)
-        else:
-            w, (a, b) = leaf, inits.random_factors(k, leaf, lay, rank, adapter_dtype, init)
-        new[i] = LoraWeight(w, a, b, rank=rank, alpha=alpha, layout=lay, variant=variant)
+        new[i] = node_cls.create(leaf, lay, k, rank=rank, alpha=alpha, dtype=adapter_dtype, init=init,
+                                 config=cfg, path=path)
     return jax.tree_util.tree_unflatten(treedef, new)
+
+
+def _check_primitives(node_cls, path: str, uses: list) -> None:
+    """TargetError when ``fn`` uses the weight in a primitive its kind is not defined for."""
+    bad = sorted({u.primitive for u in uses if u.primitive and u.primitive not in node_cls.primitives})
+    if bad:
+        raise TargetError(f"'{path}' is used by {', '.join(bad)}, which the {node_cls.kind} adapter kind does "
+                          f"not support (it is defined for {', '.join(sorted(node_cls.primitives))}); exclude "
+                          "the leaf or adapt it with variant='lora'")

@@ -12,7 +12,7 @@ from . import checks
 from . import lazy as lz
 from .errors import StructureError
 from .paths import path_str
-from .weight import factor_shapes, is_lora
+from .weight import is_lora
 
 
 def merge(tree: Any, *, donate: bool = False, dtype: Any = None) -> Any:
@@ -174,9 +174,10 @@ def attach(base_tree: Any, adapter_tree: Any) -> Any:
             raise StructureError(f"base leaf '{path}' is {jnp.result_type(w)}, not floating point")
         want = tuple(jnp.shape(w))
         n_axes = len(ad.layout.stack + ad.layout.inputs + ad.layout.outputs)
-        sa, sb = factor_shapes(want, ad.layout, ad.rank) if len(want) == n_axes else (None, None)
-        if sa is None or tuple(ad.a.shape) != sa or tuple(ad.b.shape) != sb:
-            raise StructureError(f"adapter at '{path}' (a {tuple(ad.a.shape)}, b {tuple(ad.b.shape)}) "
-                                 f"does not fit base shape {want}")
+        need = type(ad).child_shapes(want, ad.config) if len(want) == n_axes else None
+        have = {n: tuple(jnp.shape(getattr(ad, n))) for n in ad.children[1:]}
+        if need is None or have != {n: tuple(s) for n, s in need.items()}:
+            shown = ", ".join(f"{n} {s}" for n, s in have.items())
+            raise StructureError(f"adapter at '{path}' ({shown}) does not fit base shape {want}")
         out.append(ad.replace(w=w))
     return jax.tree_util.tree_unflatten(tdef_b, out)

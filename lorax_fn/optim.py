@@ -12,17 +12,17 @@ import optax
 from .errors import NoAdapterWarning, StructureError
 from .lorafy import Targets, _matcher
 from .paths import key_str, leaves_with_paths
-from .weight import LoraWeight, is_lora
+from .weight import is_lora
 
 
 def _labels(tree: Any, trainable: Targets) -> Any:
-    """True for every leaf that trains: ``a``, ``b`` and leaves matched by ``trainable``."""
+    """True for every leaf that trains: each adapter's trainable children and leaves matched by ``trainable``."""
     extra = _matcher(trainable, "trainable")
     flat, treedef = leaves_with_paths(tree, is_leaf=is_lora)
     out = []
     for path, leaf in flat:
         if is_lora(leaf):
-            out.append(leaf.replace(w=False, a=True, b=True))
+            out.append(leaf.replace(**{n: n in leaf.trainable for n in leaf.children}))
         else:
             out.append(bool(extra is not None and extra(path, leaf)))
     return jax.tree_util.tree_unflatten(treedef, out)
@@ -37,7 +37,8 @@ def trainable_mask(tree: Any, trainable: Targets = None) -> Any:
         or biases): a path regex, a list of them, or ``predicate(path, leaf)``.
 
     Returns:
-      ``LoraWeight(w=False, a=True, b=True)`` at adapters; True/False elsewhere.
+      ``LoraWeight(w=False, a=True, b=True)`` at LoRA adapters (each kind: True
+      at its trainable children); True/False elsewhere.
 
     Example:
         >>> import jax, jax.numpy as jnp, lorax_fn as lf
@@ -140,11 +141,10 @@ def _children(x: Any) -> tuple[Any, list]:
 def _describe(x: Any, node: Any, static: bool = False) -> str:
     if x is None:
         return "None"
-    if isinstance(x, LoraWeight):
+    if is_lora(x):
         if static:
-            return (f"a LoraWeight (rank {x.rank}, alpha {x.alpha:g}, layout {tuple(x.layout)}, "
-                    f"{x.variant})")
-        return f"a LoraWeight (rank {x.rank})"
+            return f"a {type(x).__name__} ({x._describe()}, layout {tuple(x.layout)})"
+        return f"a {type(x).__name__}" + (f" (rank {x.rank})" if "rank" in x.static else "")
     return "an array leaf" if node is None else f"a {type(x).__name__}"
 
 

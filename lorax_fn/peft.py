@@ -42,7 +42,8 @@ from .errors import LayoutError, StructureError
 from .lorafy import LayoutSpec, _user_layout
 from .paths import leaves_with_paths
 from .peft_patterns import _Budget, _compile_key, _PatternTable, _suffixes
-from .weight import Layout, LoraWeight, factor_shapes, is_lora
+from .kinds.lora import LoraWeight
+from .weight import Layout, factor_shapes, is_lora
 
 CONFIG_FILE = "adapter_config.json"
 WEIGHTS_FILE = "adapter_model.safetensors"
@@ -246,6 +247,11 @@ def save_peft(directory: str | os.PathLike, tree: Any, name_map: NameMap = None,
     for path, leaf in flat:
         if not is_lora(leaf):
             continue
+        if leaf.kind != "lora":
+            why = {"mora": "PEFT has no MoRA", "full": "PEFT keeps fully trained modules apart"}.get(
+                leaf.kind, "this writer handles LoRA only")
+            raise StructureError(f"'{path}' is a {type(leaf).__name__} ({leaf.kind} adapter): {why}; save the "
+                                 "tree with lf.save_adapters, our own format, which stores every kind")
         got = _resolve(name_map, path)
         if got is None:
             raise StructureError(f"name_map gives no module name for LoRA weight '{path}'")

@@ -1,23 +1,27 @@
-"""Rules for first-order primitives that meet a lazy LoRA value.
+"""Rules for first-order primitives that meet a lazy adapted value.
 
 A rule takes ``(ctx, eqn, invals)`` and returns the list of output values, or
-``None`` when it cannot keep the computation low-rank; the interpreter then
-materialises. *Consuming* rules (``dot_general``, ``conv_general_dilated``,
-``gather``) return dense arrays computed as ``x·w + scale·(x·a)·b``.
-*Structural* rules return a new lazy value.
+``None`` when it cannot keep the computation unmerged; the interpreter then
+materialises. *Structural* rules return a new lazy value and never need the
+adapter's kind. *Consuming* rules (``dot_general``, ``conv_general_dilated``,
+``gather``) work out how the weight is used and hand that to the kind's own
+rule (LoRA's computes ``x·w + scale·(x·a)·b``).
 """
 
 from __future__ import annotations
 
-import functools
+import string
+from typing import Any, NamedTuple
 
-import jax
 import jax.numpy as jnp
 from jax import lax
 
 from . import lazy as lz
 from .interpret import bind
-from .lazy import LETTERS, Lazy
+from .errors import TargetError
+from .lazy import Lazy
+
+LETTERS = string.ascii_letters.replace("R", "")  # 'R' is left for a kind's own axis (LoRA's rank)
 
 
 def _is_lazy(v) -> bool:
@@ -74,31 +78,48 @@ def _dynamic_slice(ctx, eqn, invals):
 
 def _sharding_constraint(ctx, eqn, invals):
     z = invals[0]
-    p = eqn.params
     w = bind(eqn, z.w)
-    a, b = z.a, z.b
-    sharding = p.get("sharding")
+    parts = z.parts
+    sharding = eqn.params.get("sharding")
     spec = getattr(sharding, "spec", None)
     if spec is not None and hasattr(sharding, "mesh"):
-        from jax.sharding import NamedSharding, PartitionSpec as P
-        full = tuple(spec) + (None,) * (len(z.shape) - len(spec))
-        canon = [None] * len(z.meta.axes)
-        for k, c in enumerate(z.meta.axes):
-            canon[c] = full[k]
-        m = z.meta
-        sa = P(*canon[:m.ns + m.ni], None)
-        sb = P(*canon[:m.ns], None, *canon[m.ns + m.ni:])
-        a = lax.with_sharding_constraint(a, NamedSharding(sharding.mesh, sa))
-        b = lax.with_sharding_constraint(b, NamedSharding(sharding.mesh, sb))
-    return [Lazy(w, a, b, z.meta)]
+        from jax.sharding import NamedSharding
+        # each child follows the axes it shares with the value; its own axes stay replicated
+        parts = [lax.with_sharding_constraint(p, NamedSharding(sharding.mesh, s))
+                 for p, s in zip(parts, lz.child_specs(z, spec))]
+    return [z.with_parts(w, parts)]
 
 
 # ------------------------------------------------------------- consuming
-def dot_general_parts(ctx, eqn, invals):
-    """``(x·w, scale·(x·a)·b)`` for a ``dot_general`` that meets a lazy value, or ``None``.
+class Dot(NamedTuple):
+    """A ``dot_general`` that meets a lazy value, in einsum letters, for the kind's rule."""
 
-    With the merged-forward formulation the first part is the whole product
-    and the second is ``None``.
+    eqn: Any
+    x: Any  # the other operand
+    z: Lazy
+    z_is_lhs: bool
+    mode: str  # "i": x contracts z's in axes (x @ w); "o": its out axes (x @ w.T)
+    xl: list  # one letter per axis of x
+    zl: list  # one letter per value axis of z; contracted and batch pairs share x's letter
+    out: str  # the output's letters
+
+    def dense(self, x_, w_):
+        """The primitive itself on ``x_`` and a dense weight ``w_``."""
+        return bind(self.eqn, *((w_, x_) if self.z_is_lhs else (x_, w_)))
+
+    def canon(self) -> tuple[str, str, str]:
+        """z's stack, in and out letters in canonical order."""
+        m = self.z.meta
+        c = [""] * len(m.axes)
+        for k, j in enumerate(m.axes):
+            c[j] = self.zl[k]
+        return "".join(c[:m.ns]), "".join(c[m.ns:m.ns + m.ni]), "".join(c[m.ns + m.ni:])
+
+
+def dot_general_parts(ctx, eqn, invals):
+    """``(dense, low)`` for a ``dot_general`` that meets a lazy value, from its kind, or ``None``.
+
+    ``low`` is ``None`` when the kind returns the whole product in ``dense``.
     """
     lhs, rhs = invals
     params = eqn.params
@@ -131,114 +152,8 @@ def dot_general_parts(ctx, eqn, invals):
     lfree = [ll[k] for k in range(len(ll)) if k not in lc and k not in lb]
     rfree = [rl[k] for k in range(len(rl)) if k not in rc and k not in rb]
     out = "".join([ll[k] for k in lb] + lfree + rfree)
-    sa, sb = lz.letters(m, "".join(zl))
-    first, second = (sa, sb) if mode == "i" else (sb, sa)
-    # intermediate: the letters of x that survive, z's free stack letters, then the rank
-    keep = [c for c in xl if c in out] + [c for c in first if c in out and c not in xl]
-    tl = "".join(keep) + "R"
-    a = lz.rank_major_grad(z.a, m.ns)
-    f1, f2 = (a, z.b) if mode == "i" else (z.b, a)
-    prec, pet = params.get("precision"), params.get("preferred_element_type")
-    xs = "".join(xl)
-
-    def dense_of(x_, w_):
-        return bind(eqn, *((w_, x_) if z_is_lhs else (x_, w_)))
-
-    def first_of(x_, f1_):
-        t = jnp.einsum(f"{xs},{first}->{tl}", x_, f1_, precision=prec, preferred_element_type=pet)
-        return t * jnp.asarray(m.scale, t.dtype)
-
-    def second_of(t, f2_):
-        return jnp.einsum(f"{tl},{second}->{out}", t, f2_, precision=prec, preferred_element_type=pet)
-
-    # dropout acts on the adapter path only, which the merged forms cannot separate
-    form = "factored" if ctx.drop is not None else _formulation(ctx, z, x, xl, out, first)
-    if form != "factored":
-        f = _merged_dot(dense_of, first_of, second_of, z.meta, primal_merged=form == "merged")
-        return f(x, z.w, f1, f2, mode == "i"), None
-    dense = dense_of(x, z.w)
-    low = second_of(first_of(ctx.dropout(x), f1), f2)
-    return dense, low.astype(dense.dtype)
-
-
-def _formulation(ctx, z, x, xl, out, first) -> str:
-    """How this use runs: ``"factored"``, ``"merged"`` or ``"train-merged"``.
-
-    ``formulation="auto"`` gives ``"train-merged"``, i.e. ``x·(w + ΔW)`` in the
-    forward pass of a differentiated computation and the factored product
-    otherwise, when building ``ΔW`` costs less than the second low-rank
-    product: the contracted size is below the number of rows of ``x`` that
-    reach the output (tokens). Only for float32 or wider weights, where folding
-    ``ΔW`` into ``w`` loses nothing to rounding.
-    """
-    mode = ctx.formulation
-    if mode != "auto":
-        return mode
-    if jnp.finfo(z.w.dtype).bits < 32:
-        return "factored"
-    contracted = 1
-    for c in first:
-        if c in xl and c not in out:
-            contracted *= x.shape[xl.index(c)]
-    rows = 1
-    for k, c in enumerate(xl):
-        if c in out and c not in first:
-            rows *= x.shape[k]
-    return "train-merged" if contracted < rows else "factored"
-
-
-def _merged_dot(dense_of, first_of, second_of, meta, primal_merged: bool):
-    """``x·(w + scale·f1⊗f2)`` whose derivative is the factored one.
-
-    Under differentiation the forward value is one dense product with the
-    merged weight, with no rank-r product of the size of the output. Without
-    differentiation it is that product (``primal_merged``) or the factored one
-    (cheaper to compile, and as fast for a single forward pass).
-    Tangent (and so the gradient, by transposition):
-    ``dx·w + scale·((dx·f1)·f2) + scale·((x·df1)·f2) + (scale·x·f1)·df2``,
-    which needs only ``x``, ``x·f1`` and the parameters as residuals, never the
-    merged weight.
-    """
-
-    def merged(x, w, f1, f2, a_first):
-        a, b = (f1, f2) if a_first else (f2, f1)
-        return dense_of(x, lz.materialize(lz.Lazy(w, a, b, meta)))
-
-    @functools.partial(jax.custom_jvp, nondiff_argnums=(4,))
-    def f(x, w, f1, f2, a_first):
-        if primal_merged:
-            return merged(x, w, f1, f2, a_first)
-        dense = dense_of(x, w)
-        return dense + second_of(first_of(x, f1), f2).astype(dense.dtype)
-
-    @functools.partial(f.defjvp, symbolic_zeros=True)
-    def f_jvp(a_first, primals, tangents):
-        x, w, f1, f2 = primals
-        dx, dw, df1, df2 = tangents
-        y = merged(x, w, f1, f2, a_first)
-        terms = []
-        if not _zero(dx):
-            terms += [dense_of(dx, w), second_of(first_of(dx, f1), f2)]
-        if not _zero(dw):
-            terms.append(dense_of(x, dw))
-        if not _zero(df1):
-            terms.append(second_of(first_of(x, df1), f2))
-        if not _zero(df2):
-            terms.append(second_of(first_of(x, f1), df2))
-        if not terms:
-            return y, jnp.zeros_like(y)
-        # on an explicit mesh each term carries its own operands' sharding
-        terms = [lz.sharded_like(t.astype(y.dtype), y) for t in terms]
-        tangent = terms[0]
-        for t in terms[1:]:
-            tangent = tangent + t
-        return y, tangent
-
-    return f
-
-
-def _zero(t) -> bool:
-    return isinstance(t, jax.custom_derivatives.SymbolicZero)
+    _supported(z, eqn)
+    return m.kind.dot_general(ctx, Dot(eqn, x, z, z_is_lhs, mode, xl, zl, out))
 
 
 def _dot_general(ctx, eqn, invals):
@@ -249,87 +164,40 @@ def _dot_general(ctx, eqn, invals):
     return [dense if low is None else dense + low]
 
 
+def _supported(z: Lazy, eqn) -> None:
+    """TargetError when the weight's kind is not defined for this consuming primitive (MoRA in a conv)."""
+    kind, name = z.meta.kind, eqn.primitive.name
+    if name not in kind.primitives:
+        raise TargetError(f"'{z.meta.path}' is a {kind.__name__} ({kind.kind} adapter), which is not defined for "
+                          f"{name} (only {', '.join(sorted(kind.primitives))}); exclude the leaf from lorafy's "
+                          "targets or adapt it with variant='lora'")
+
+
 def _conv(ctx, eqn, invals):
     x, z = invals
-    p = eqn.params
-    if _is_lazy(x) or p["feature_group_count"] != 1 or p["batch_group_count"] != 1:
+    if _is_lazy(x):
         return None
-    dn = p["dimension_numbers"]
-    rhs_spec, out_spec = dn.rhs_spec, dn.out_spec
-    m = z.meta
-    if m.ns or set(m.value_axes("o")) != {rhs_spec[0]}:
-        return None
-    # a as a conv kernel with r output features (the out axis replaced by the rank)
-    perm = [m.axes[k] - m.ns if m.role(k) != "o" else m.ni for k in range(z.ndim)]
-    # the rank-r conv runs in the layer's compute dtype, as the dense one does
-    kernel_a = jnp.transpose(z.a, perm).astype(x.dtype)
-    dense = bind(eqn, x, z.w)
-    t = bind(eqn, ctx.dropout(x), kernel_a)
-    f = out_spec[1]
-    t = t * jnp.asarray(m.scale, t.dtype)
-    low = jnp.moveaxis(jnp.tensordot(t, z.b, axes=((f,), (0,))), -1, f)
-    return [dense + low.astype(dense.dtype)]
+    _supported(z, eqn)
+    out = z.meta.kind.conv(ctx, eqn, x, z)
+    return None if out is None else [out]
 
 
 def _gather(ctx, eqn, invals):
     z, idx = invals
     if _is_lazy(idx):
         return None
-    p = eqn.params
-    dn = p["dimension_numbers"]
+    dn = eqn.params["dimension_numbers"]
     if dn.operand_batching_dims or dn.start_indices_batching_dims:
         return None
-    m = z.meta
     indexed = set(dn.start_index_map) | set(dn.collapsed_slice_dims)
-    roles = {m.role(k) for k in indexed}
-    if roles == {"s"}:
+    if {z.meta.role(k) for k in indexed} == {"s"}:
         return _gather_stack(eqn, z, idx)
-    if len(roles) != 1:
-        return None
-    mode = roles.pop()
-    kept = "o" if mode == "i" else "i"
-    sizes = list(p["slice_sizes"])
-    for k in range(z.ndim):
-        if k not in indexed and sizes[k] != z.shape[k]:
-            return None
-    kept_axes = m.value_axes(kept)
-    if not kept_axes:
-        return None
-    # the indexed factor laid out like the value, kept axes squeezed to one rank axis
-    vl = LETTERS[:z.ndim]
-    sa, sb = lz.letters(m, vl)
-    fac, fspec, other, ospec = (z.a, sa, z.b, sb) if mode == "i" else (z.b, sb, z.a, sa)
-    first_kept = kept_axes[0]
-    target = "".join("R" if k == first_kept else ("" if k in kept_axes else vl[k]) for k in range(z.ndim))
-    fv = jnp.einsum(f"{fspec}->{target}", fac)
-    for k in kept_axes[1:]:
-        fv = jnp.expand_dims(fv, k)
-    new_sizes = list(sizes)
-    for k in kept_axes:
-        new_sizes[k] = fv.shape[k]
-    dense = bind(eqn, z.w, idx)
-    g = bind(eqn, fv, idx, slice_sizes=tuple(new_sizes), **_zero_fill(p))
-    # letters of the gather output: offset dims carry operand letters, batch dims fresh ones
-    it = iter(LETTERS[z.ndim:])
-    non_collapsed = [k for k in range(z.ndim) if k not in dn.collapsed_slice_dims]
-    gl, out = [], []
-    offset = {d: non_collapsed[j] for j, d in enumerate(dn.offset_dims)}
-    for d in range(g.ndim):
-        if d in offset:
-            k = offset[d]
-            out.append(vl[k])
-            gl.append("R" if k == first_kept else ("" if k in kept_axes else vl[k]))
-        else:
-            c = next(it)
-            out.append(c); gl.append(c)
-    g = g.reshape([n for n, c in zip(g.shape, gl) if c != ""])
-    gspec = "".join(gl)
-    g = g * jnp.asarray(m.scale, g.dtype)
-    low = jnp.einsum(f"{gspec},{ospec}->{''.join(out)}", g, other)
-    return [dense + low.astype(dense.dtype)]
+    _supported(z, eqn)
+    out = z.meta.kind.gather(ctx, eqn, z, idx)
+    return None if out is None else [out]
 
 
-def _zero_fill(params) -> dict:
+def zero_fill(params) -> dict:
     """Out-of-bounds rows of a factor read as zero: the dense ``w`` gather alone
     carries the fill value, and no NaN meets a zero cotangent in the backward pass."""
     if params.get("mode") == lax.GatherScatterMode.FILL_OR_DROP:
@@ -358,7 +226,7 @@ def _gather_stack(eqn, z, idx):
             offset_dims=tuple(range(nb, nb + f.ndim - len(cc))), collapsed_slice_dims=tuple(cc),
             start_index_map=tuple(m.axes[k] for k in dn.start_index_map))
         sizes = tuple(1 if c in cc else f.shape[c] for c in range(f.ndim))
-        return bind(eqn, f, idx, dimension_numbers=fdn, slice_sizes=sizes, **_zero_fill(p))
+        return bind(eqn, f, idx, dimension_numbers=fdn, slice_sizes=sizes, **zero_fill(p))
 
     def renum(c):  # canonical index after the collapsed stack axes leave and nb batch axes arrive
         return nb + c - sum(1 for x in cc if x < c)
@@ -368,7 +236,7 @@ def _gather_stack(eqn, z, idx):
     batch = iter(range(nb))
     axes = tuple(renum(m.axes[offset[d]]) if d in offset else next(batch) for d in range(w.ndim))
     meta = m._replace(axes=axes, ns=nb + m.ns - len(cc))
-    return [Lazy(w, factor(z.a), factor(z.b), meta)]
+    return [z.with_parts(w, [factor(p) for p in z.parts], meta)]
 
 
 RULES = {

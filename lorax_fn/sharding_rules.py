@@ -1,4 +1,4 @@
-"""Where adapters live: each inherits its base weight's sharding.
+"""Where adapters live: each child inherits its base weight's sharding through its axis signature.
 
 For a base sharded ``PartitionSpec(*spec)`` with layout ``(stack, in, out)``,
 ``a`` (``stack + in + (r,)``) takes the spec entries of the stack and ``in``
@@ -28,25 +28,32 @@ def leaf_sharding(x: Any) -> jax.sharding.Sharding:
 
 
 def adapter_shardings(base: jax.sharding.Sharding, layout: Layout, ndim: int,
-                      path: str = "") -> dict[str, jax.sharding.Sharding]:
-    """Shardings of ``a`` and ``b`` for a base weight of ``ndim`` axes sharded as ``base``.
+                      path: str = "", signatures: dict | None = None) -> dict[str, jax.sharding.Sharding]:
+    """Shardings of an adapter's children for a base weight of ``ndim`` axes sharded as ``base``.
 
-    Returns ``{"a": ..., "b": ...}``: a ``NamedSharding`` base gives each
-    factor the spec entries of its own axes (see the module docstring); a
-    single-device or fully replicated base is reused as it is. ``path``
-    only names the weight in the error.
+    ``signatures`` are the kind's child axis signatures (``Adapter.axes``;
+    default LoRA's ``{"a": "sir", "b": "sro"}``): ``s``/``i``/``o`` take the spec
+    entries of the base's stack/in/out axes, the kind's own axes (a rank)
+    are replicated. Returns ``{child: sharding}``; a single-device or fully
+    replicated base is reused as it is. ``path`` only names the weight in the
+    error.
 
     Raises:
       StructureError: ``base`` is split across devices but is not a
         ``NamedSharding``, so there is no spec to carry over.
     """
+    signatures = {"a": "sir", "b": "sro"} if signatures is None else signatures
     if isinstance(base, NamedSharding):
         spec = tuple(base.spec) + (None,) * (ndim - len(base.spec))
-        pick = lambda axes: [spec[k] for k in axes]  # noqa: E731
-        a = PartitionSpec(*pick(layout.stack), *pick(layout.inputs), None)
-        b = PartitionSpec(*pick(layout.stack), None, *pick(layout.outputs))
-        return {"a": NamedSharding(base.mesh, a), "b": NamedSharding(base.mesh, b)}
+        groups = {"s": layout.stack, "i": layout.inputs, "o": layout.outputs}
+        out = {}
+        for name, sig in signatures.items():
+            entries = []
+            for c in sig:
+                entries.extend([spec[k] for k in groups[c]] if c in groups else [None])
+            out[name] = NamedSharding(base.mesh, PartitionSpec(*entries))
+        return out
     if isinstance(base, SingleDeviceSharding) or base.is_fully_replicated:
-        return {"a": base, "b": base}
+        return {name: base for name in signatures}
     raise StructureError(f"cannot derive adapter shardings for '{path}' from a {type(base).__name__}; "
                          "shard the base with a NamedSharding")

@@ -12,11 +12,10 @@ import numpy as np
 from jax.extend.core import ClosedJaxpr, Jaxpr
 
 from . import checks
-from . import lazy as lz
 from .errors import ArgumentError, NoAdapterWarning
 from .interpret import Context, Use, run_closed
 from .paths import path_str
-from .weight import LoraWeight, is_lora
+from .weight import is_lora
 
 
 def _is_array(x: Any) -> bool:
@@ -28,7 +27,7 @@ def _prepare(args, kwargs):
     flat, treedef = jax.tree_util.tree_flatten((args, kwargs), is_leaf=is_lora)
     kinds, dynamic, statics, avals = [], [], [], []
     for leaf in flat:
-        if isinstance(leaf, LoraWeight):
+        if is_lora(leaf):
             kinds.append("lora")
             dynamic.append(leaf)
             avals.append(jax.ShapeDtypeStruct(leaf.shape, leaf.dtype))
@@ -48,7 +47,7 @@ def _paths(args, kwargs) -> list:
     flat = jax.tree_util.tree_flatten_with_path((args, kwargs), is_leaf=is_lora)[0]
     out = []
     for keypath, leaf in flat:
-        if isinstance(leaf, LoraWeight):
+        if is_lora(leaf):
             # relative to the first positional argument (the params, by convention); other
             # arguments keep their index or keyword name so that two trees stay apart
             first = keypath[0].idx == 0 and keypath[1].idx == 0
@@ -91,7 +90,7 @@ def _warn_no_adapter(fn: Callable) -> None:
 
 
 def _interpret(closed, ctx: Context, kinds, paths, rate, dynamic, key=None):
-    invals = [lz.from_weight(x, p) if k == "lora" else x
+    invals = [type(x).enter(x, p) if k == "lora" else x
               for x, k, p in zip(dynamic, [k for k in kinds if k != "static"], paths)]
     with ctx.dropping(rate, key):
         return run_closed(ctx, closed, invals, dense_outputs="returned by the function")
@@ -291,15 +290,15 @@ def _gradient_uses(closed, kinds, paths, dynamic) -> list:
     """The uses recorded while ``jax.vjp`` traces the interpreter, w.r.t. every adapter."""
     uses: list = []
     ctx = Context("allow", record=uses)
-    is_lw = [isinstance(x, LoraWeight) for x in dynamic]
+    is_lw = [is_lora(x) for x in dynamic]
 
     def forward(dyn, factors):
         it = iter(factors)
-        dyn = [x.replace(**dict(zip("ab", next(it)))) if lw else x for x, lw in zip(dyn, is_lw)]
+        dyn = [x.replace(**dict(zip(x.trainable, next(it)))) if lw else x for x, lw in zip(dyn, is_lw)]
         return _interpret(closed, ctx, kinds, paths, 0.0, dyn)
 
     def differentiated(dyn):
-        factors = [(x.a, x.b) for x in dyn if isinstance(x, LoraWeight)]
+        factors = [tuple(getattr(x, n) for n in x.trainable) for x in dyn if is_lora(x)]
         # the rules of custom_jvp/custom_vjp are traced when JAX linearises, i.e. in vjp
         return jax.vjp(functools.partial(forward, dyn), factors)[0]
 

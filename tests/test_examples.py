@@ -197,3 +197,19 @@ def test_every_example_loads_and_parses_its_flags_without_matplotlib(name, monke
     mod = load(name)
     args = mod.parse_args(["--plot", ""] if name == "text_lm" else [])
     assert args is not None
+
+
+# ----------------------------------------------------------------- mora_memorize (MoRA vs LoRA)
+def test_tiny_mora_memorize_compares_three_methods_at_their_counts(capsys, tmp_path):
+    mod = load("mora_memorize")
+    s = mod.main(["--pairs", "64", "--values", "32", "--d-model", "16", "--hidden", "32", "--rank", "2",
+                  "--steps", "30", "--out", str(tmp_path)])
+    out = capsys.readouterr().out
+    assert set(s.results) == {"LoRA r=2", "MoRA (type 6)", "full fine-tuning"}
+    lora, mora, full = (s.results[k] for k in ("LoRA r=2", "MoRA (type 6)", "full fine-tuning"))
+    assert lora.trainable == (16 + 32) * 2 + (32 + 32) * 2
+    assert abs(mora.trainable - lora.trainable) <= 0.15 * lora.trainable  # tiny kernels: a square is coarse
+    assert full.trainable == 16 * 32 + 32 * 32
+    for r in s.results.values():
+        assert len(r.losses) == 30 and r.losses[-1] < r.losses[0] and 0 <= r.accuracy <= 1
+    assert "final loss" in out and (tmp_path / "mora_memorize.png").exists()

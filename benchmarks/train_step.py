@@ -38,6 +38,8 @@ import torch_peft as TP  # noqa: E402  (imports no torch until it runs)
 
 CONFIGS = ["full", "naive", "hand", "lorax_fn", "lorax_fn_split", "lorax_fn_factored", "jax_lorax",
            "peft"]
+# other adapter kinds on the same model and targets (``--configs full,lorax_fn,lorax_fn_dora,lorax_fn_mora``)
+KIND_CONFIGS = ["lorax_fn_dora", "lorax_fn_mora"]
 LABELS = {
     "full": "full fine-tuning",
     "naive": "naive LoRA (dense W + s·A@B every step)",
@@ -45,6 +47,8 @@ LABELS = {
     "lorax_fn": "lorax_fn, `optimizer` mask",
     "lorax_fn_split": "lorax_fn, `split`/`combine`",
     "lorax_fn_factored": "lorax_fn, mask, `formulation=\"factored\"`",
+    "lorax_fn_dora": "lorax_fn DoRA (`variant=\"dora\"`), mask",
+    "lorax_fn_mora": "lorax_fn MoRA (`variant=\"mora\"`, same trainable count), mask",
     "jax_lorax": "jax-lorax (qax)",
     **TP.LABELS,
 }
@@ -131,16 +135,16 @@ def build_hand(a, shape):
     return step, ((train, tx.init(train)), frozen), {}
 
 
-def _lorafied(a, shape):
+def _lorafied(a, shape, variant="lora"):
     import lorax_fn as lf
     model, params = M.init(shape, dtype=a.dtype)
     lp = lf.lorafy(params, targets=M.TARGETS, rank=a.rank, alpha=a.alpha,
-                   key=jax.random.PRNGKey(0))
+                   key=jax.random.PRNGKey(0), variant=variant)
     return lf, model, lp
 
 
-def build_lorax_fn(a, shape, formulation=None):
-    lf, model, lp = _lorafied(a, shape)
+def build_lorax_fn(a, shape, formulation=None, variant="lora"):
+    lf, model, lp = _lorafied(a, shape, variant)
     apply = lf.lora(_apply(model), **({"formulation": formulation} if formulation else {}))
     tx = lf.optimizer(_adamw(), lp)
     step = _whole_step(tx, lambda p, tokens: M.loss_fn(apply, p, tokens))
@@ -151,6 +155,14 @@ def build_lorax_fn(a, shape, formulation=None):
 
 def build_lorax_fn_factored(a, shape):
     return build_lorax_fn(a, shape, formulation="factored")
+
+
+def build_lorax_fn_dora(a, shape):
+    return build_lorax_fn(a, shape, variant="dora")
+
+
+def build_lorax_fn_mora(a, shape):
+    return build_lorax_fn(a, shape, variant="mora")
 
 
 def build_lorax_fn_split(a, shape):
@@ -287,7 +299,7 @@ def derive_by_width(recs: list[dict]) -> list[dict]:
 
 def parse(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--config", help=f"run one configuration in this process: {', '.join(CONFIGS)}")
+    p.add_argument("--config", help=f"run one configuration in this process: {', '.join(CONFIGS + KIND_CONFIGS)}")
     p.add_argument("--configs", default=",".join(CONFIGS), help="comma list to run, one process each")
     C.add_shape_flags(p)
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])

@@ -42,6 +42,7 @@ from .errors import LayoutError, StructureError
 from .lorafy import LayoutSpec, _user_layout
 from .paths import leaves_with_paths
 from .peft_patterns import _Budget, _compile_key, _PatternTable, _suffixes
+from .kinds.dora import DoraWeight
 from .kinds.lora import LoraWeight
 from .weight import Layout, factor_shapes, is_lora
 
@@ -49,7 +50,8 @@ CONFIG_FILE = "adapter_config.json"
 WEIGHTS_FILE = "adapter_model.safetensors"
 PREFIX = "base_model.model."
 KINDS = ("linear", "embedding", "conv")
-_SUFFIXES = {".lora_A.weight": ("matrix", "A"), ".lora_B.weight": ("matrix", "B"),
+MAGNITUDE = "lora_magnitude_vector"  # DoRA's m, one per output unit; PEFT saves it without a ".weight"
+_SUFFIXES = {".lora_A.weight": ("matrix", "A"), ".lora_B.weight": ("matrix", "B"), "." + MAGNITUDE: ("matrix", "M"),
              ".lora_embedding_A": ("embedding", "A"), ".lora_embedding_B": ("embedding", "B")}
 _PARAM_NAMES = ("kernel", "embedding", "weight")
 # safetensors header key holding a CRC-32 of the config fields load_peft reads (PEFT ignores the header;
@@ -203,8 +205,10 @@ def save_peft(directory: str | os.PathLike, tree: Any, name_map: NameMap = None,
     common rank and alpha; other modules go to ``rank_pattern``/``alpha_pattern``.
     The safetensors header also records each weight's Flax path and layout
     (extra metadata PEFT ignores), so :func:`load_peft` restores our files
-    exactly. Only LoRA weights are exported; fully trained leaves are not
-    (use :func:`save_adapters` for those).
+    exactly. LoRA and DoRA weights are exported (DoRA on linear modules, with
+    ``use_dora`` and each module's ``lora_magnitude_vector``); MoRA, which PEFT
+    does not have, and fully trained leaves are refused (use
+    :func:`save_adapters` for those).
 
     Args:
       directory: the output directory (created; existing files of these names are replaced, other
@@ -226,7 +230,9 @@ def save_peft(directory: str | os.PathLike, tree: Any, name_map: NameMap = None,
         a symbolic link or not a regular file (nothing is written then; a failed write leaves no temporaries).
       StructureError: a LoRA weight has no module name, two map to the same
         module, a stacked weight's template has the wrong number of ``{}``, or
-        the tree mixes plain and rsLoRA scales (PEFT has one ``use_rslora``).
+        the tree mixes plain and rsLoRA scales (PEFT has one ``use_rslora``) or
+        LoRA and DoRA (one ``use_dora``), or holds a kind PEFT cannot express
+        (MoRA, fully trained leaves, DoRA on an embedding or convolution).
       LayoutError: ``name_map`` gave an unknown kind, ``kind="conv"`` for a
         weight that is not a convolution kernel, or an embedding whose
         vocabulary axis (its first non-stack axis) is not all of ``in`` or all of ``out``.
@@ -243,13 +249,13 @@ def save_peft(directory: str | os.PathLike, tree: Any, name_map: NameMap = None,
 
     flat, _ = leaves_with_paths(tree, is_leaf=is_lora)
     tensors, owners, record = {}, {}, []
-    ranks, alphas, variants = {}, {}, set()
+    ranks, alphas, variants, kinds_seen = {}, {}, set(), set()
     for path, leaf in flat:
         if not is_lora(leaf):
             continue
-        if leaf.kind != "lora":
+        if leaf.kind not in ("lora", "dora"):
             why = {"mora": "PEFT has no MoRA", "full": "PEFT keeps fully trained modules apart"}.get(
-                leaf.kind, "this writer handles LoRA only")
+                leaf.kind, "this writer handles LoRA and DoRA only")
             raise StructureError(f"'{path}' is a {type(leaf).__name__} ({leaf.kind} adapter): {why}; save the "
                                  "tree with lf.save_adapters, our own format, which stores every kind")
         got = _resolve(name_map, path)
@@ -258,8 +264,14 @@ def save_peft(directory: str | os.PathLike, tree: Any, name_map: NameMap = None,
         tmpl, kind = got
         lay = leaf.layout
         a, b = np.asarray(leaf.a), np.asarray(leaf.b)
+        mag = np.asarray(leaf.m) if leaf.kind == "dora" else None
+        if mag is not None and kind != "linear":
+            raise StructureError(f"'{path}' is a DoRA weight exported as a {kind} module; PEFT's DoRA magnitude "
+                                 "for that is laid out differently, and this writer exports DoRA on linear "
+                                 "modules only (save the tree with lf.save_adapters)")
         if dtype is not None:
             a, b = a.astype(dtype), b.astype(dtype)
+            mag = None if mag is None else mag.astype(dtype)
         ns = len(lay.stack)
         swap = kind == "embedding" and _embedding_swapped(lay, len(leaf.shape), path)
         # a and b hold the stack axes first, wherever they sit in the base weight
@@ -272,14 +284,19 @@ def save_peft(directory: str | os.PathLike, tree: Any, name_map: NameMap = None,
                                                                                         "lora_B.weight")
             tensors[f"{PREFIX}{name}.{keys[0]}"] = np.ascontiguousarray(A)
             tensors[f"{PREFIX}{name}.{keys[1]}"] = np.ascontiguousarray(B)
+            if mag is not None:  # one norm per output unit, out axes flattened like lora_B's rows
+                tensors[f"{PREFIX}{name}.{MAGNITUDE}"] = np.ascontiguousarray(mag[idx].reshape(-1))
             ranks[name], alphas[name] = leaf.rank, leaf.alpha
         variants.add(leaf.variant)
+        kinds_seen.add(leaf.kind)
         record.append({"path": path, "module": tmpl, "kind": kind,
                        "layout": [list(lay.stack), list(lay.inputs), list(lay.outputs)]})
     if not tensors:
         raise StructureError("the tree has no LoRA weights to export")
     if len(variants) > 1:
         raise StructureError(f"PEFT has one use_rslora flag for all modules; the tree mixes {sorted(variants)}")
+    if len(kinds_seen) > 1:
+        raise StructureError("PEFT has one use_dora flag for all modules; the tree mixes LoRA and DoRA weights")
     r = collections.Counter(ranks.values()).most_common(1)[0][0]
     alpha = collections.Counter(alphas[n] for n in ranks if ranks[n] == r).most_common(1)[0][0]
     config = {
@@ -291,7 +308,7 @@ def save_peft(directory: str | os.PathLike, tree: Any, name_map: NameMap = None,
         # PEFT matches pattern keys as regexes against module names: escape the dots
         "rank_pattern": {re.escape(n): k for n, k in sorted(ranks.items()) if k != r},
         "alpha_pattern": {re.escape(n): _number(v) for n, v in sorted(alphas.items()) if v != alpha},
-        "use_dora": False,
+        "use_dora": kinds_seen == {"dora"},
     }
     out = Path(directory).expanduser().absolute()
     try:
@@ -497,8 +514,7 @@ class _Config:
         for flag in ("use_dora", "use_rslora"):
             if config.get(flag) not in (None, True, False):
                 raise CheckpointError(f"'{where}': field '{flag}' is {config.get(flag)!r}, not true or false")
-        if config.get("use_dora"):
-            raise CheckpointError(f"'{where}' is a DoRA adapter (use_dora=true), which load_peft does not read")
+        self.dora = bool(config.get("use_dora"))
         self.budget = _Budget(where)  # for building and running every key's automaton
         self.r = _rank_value(config.get("r"), "field 'r'", where)
         self.alpha = _alpha_value(config.get("lora_alpha"), "field 'lora_alpha'", where)
@@ -560,17 +576,23 @@ def _group(header: dict, where: str) -> dict[str, dict]:
             raise CheckpointError(f"{where}: tensor '{key}' is not a LoRA A/B weight under '{PREFIX}' "
                                   "(biases, modules_to_save and other PEFT methods are not read)")
         suffix, (kind, which) = hit
-        mod = out.setdefault(key[len(PREFIX):-len(suffix)], {"kind": kind, "keys": {}})
+        mod = out.setdefault(key[len(PREFIX):-len(suffix)], {"kind": None, "keys": {}})
+        if which != "M":
+            mod["kind"] = kind
         mod[which], mod["keys"][which] = shape, key
     for name, mod in out.items():
         if "A" not in mod or "B" not in mod:
-            raise CheckpointError(f"{where}: module '{name}' has only lora_{'A' if 'A' in mod else 'B'}")
+            have = "lora_A" if "A" in mod else ("lora_B" if "B" in mod else MAGNITUDE)
+            raise CheckpointError(f"{where}: module '{name}' has only {have}")
         A, B = mod["A"], mod["B"]
         conv = mod["kind"] == "matrix" and len(A) > 2
         if len(A) < 2 or len(B) != len(A) or (mod["kind"] == "embedding" and len(A) != 2) \
                 or (conv and any(n != 1 for n in B[2:])):
             raise CheckpointError(f"{where}: module '{name}' has lora_A {A} and lora_B {B}; PEFT's are (r, in) "
                                   "and (out, r), or (r, in, *kernel) and (out, r, 1, ...) for a convolution")
+        if "M" in mod and (mod["kind"] != "matrix" or len(A) != 2 or mod["M"] != (B[0],)):
+            raise CheckpointError(f"{where}: module '{name}' has {MAGNITUDE} {mod['M']} with lora_A {A} and "
+                                  f"lora_B {B}; this reader takes DoRA on linear modules, magnitude (out,)")
     return out
 
 
@@ -637,6 +659,13 @@ def load_peft(directory: str | os.PathLike, base: Any, name_map: NameMap = None,
     where = str(Path(directory).expanduser().absolute())
     config, cfg, header, meta = _read(Path(where))
     modules = _group(header, where)
+    with_m = sorted(n for n, mod in modules.items() if "M" in mod)
+    if cfg.dora and len(with_m) != len(modules):
+        raise CheckpointError(f"{where}: the config says use_dora (a DoRA adapter), but modules "
+                              f"{sorted(set(modules) - set(with_m))[:5]} have no {MAGNITUDE}")
+    if not cfg.dora and with_m:
+        raise CheckpointError(f"{where}: modules {with_m[:5]} have a DoRA {MAGNITUDE} but the config's use_dora "
+                              "is not true; the two files do not belong together")
     try:
         recorded = {e["path"]: e for e in json.loads(meta.get("lorax_fn", "[]"))}
     except (ValueError, TypeError, KeyError, RecursionError):
@@ -745,17 +774,25 @@ def load_peft(directory: str | os.PathLike, base: Any, name_map: NameMap = None,
     leaves = [x for _, x in flat]
     arrays = _read_tensors(Path(where) / WEIGHTS_FILE, modules, [n for p in plans for _, n in p[3]])
     for i, w, lay, slices, rank, alpha, sa, sb, swap in plans:
-        a = b = None
+        a = b = m = None
+        sm = sb[:len(lay.stack)] + sb[len(lay.stack) + 1:]  # DoRA's magnitude: stack + out
         for idx, name in slices:
-            A, B = arrays[name]
+            A, B, *M = arrays[name]
             if a is None:
                 a, b = np.empty(sa, A.dtype), np.empty(sb, B.dtype)
+                m = np.empty(sm, M[0].dtype) if M else None
             # a and b hold the stack axes first, wherever they sit in the base weight
             a[idx], b[idx] = _from_torch(A, B, sa[len(idx):], sb[len(idx):], swap)
+            if M:
+                m[idx] = M[0].reshape(sm[len(idx):])
         a, b = jnp.asarray(a), jnp.asarray(b)
         if dtype is not None:
             a, b = a.astype(dtype), b.astype(dtype)
-        leaves[i] = LoraWeight(w, a, b, rank=rank, alpha=float(alpha), layout=lay, variant=cfg.variant)
+        if m is None:
+            leaves[i] = LoraWeight(w, a, b, rank=rank, alpha=float(alpha), layout=lay, variant=cfg.variant)
+        else:
+            m = jnp.asarray(m) if dtype is None else jnp.asarray(m).astype(dtype)
+            leaves[i] = DoraWeight(w, a, b, m, rank=rank, alpha=float(alpha), layout=lay, variant=cfg.variant)
     return jax.tree_util.tree_unflatten(treedef, leaves)
 
 
@@ -764,8 +801,9 @@ def _short(value: Any, limit: int = 200) -> str:
     return text if len(text) <= limit else text[:limit] + "..."
 
 
-def _read_tensors(w_path: Path, modules: dict, names: list[str]) -> dict[str, tuple[np.ndarray, np.ndarray]]:
-    """``{module: (A, B)}`` from the file, each the shape its header gave when it was checked."""
+def _read_tensors(w_path: Path, modules: dict, names: list[str]) -> dict[str, tuple[np.ndarray, ...]]:
+    """``{module: (A, B)}`` (``(A, B, M)`` with a DoRA magnitude) from the file, each the shape its header
+    gave when it was checked."""
     from safetensors import safe_open
 
     w_path = _regular_file(w_path, w_path.parent, WEIGHTS_FILE)
@@ -774,10 +812,10 @@ def _read_tensors(w_path: Path, modules: dict, names: list[str]) -> dict[str, tu
         with safe_open(str(w_path), "np") as f:
             for name in names:
                 mod = modules[name]
-                out[name] = tuple(f.get_tensor(mod["keys"][x]) for x in "AB")
+                out[name] = tuple(f.get_tensor(mod["keys"][x]) for x in "ABM" if x in mod["keys"])
     except Exception as err:  # safetensors raises its own error types for damaged headers and short files
         raise CheckpointError(f"cannot read '{w_path}': {err}") from err
     for name in names:
-        if tuple(out[name][0].shape) != modules[name]["A"] or tuple(out[name][1].shape) != modules[name]["B"]:
+        if any(tuple(x.shape) != modules[name][k] for x, k in zip(out[name], "ABM")):
             raise CheckpointError(f"'{w_path}' changed while it was being read; load it again")
     return out

@@ -178,7 +178,7 @@ def _lost_trained_leaves(tree: Any, config: dict, opt_state: Any) -> list[str]:
     known: dict[str, tuple | None] = {}  # path -> shape if it would be lost, None if it is fine
     for path, leaf in leaves_with_paths(tree, is_leaf=is_lora)[0]:
         if is_lora(leaf):
-            known.update({f"{path}/{k}": None for k in ("w", "a", "b")})
+            known.update({f"{path}/{k}": None for k in leaf.children})
         elif leaf is not None:
             known[path] = None if path in stored else tuple(np.shape(leaf))
     if not any(v is not None for v in known.values()):

@@ -302,3 +302,32 @@ def test_mora_in_a_convolution_is_refused_when_traced_without_fn():
     lp = lf.lorafy(params, rank=2, variant="mora", targets="kernel")
     with pytest.raises(lf.TargetError, match=r"'kernel' is a MoraWeight .* not defined for conv_general_dilated"):
         lf.lora(lambda p, x: model.apply({"params": p}, x))(lp, x)
+
+
+@pytest.mark.parametrize("variant", ["dora", "mora6"])
+def test_dropout_acts_on_the_adapter_path_of_every_kind(variant):
+    apply, lp, x = _setup("dense", variant)
+    plain = lf.lora(apply)(lp, x)
+    dropped = lf.lora(apply, dropout=0.5)
+    np.testing.assert_array_equal(dropped(lp, x), plain)  # no key: exactly the plain path
+    a, b = dropped(lp, x, dropout_key=jax.random.key(1)), dropped(lp, x, dropout_key=jax.random.key(2))
+    assert not np.allclose(a, plain) and not np.allclose(a, b)
+    # only the adapter's input is dropped: the base output is intact, so with the adapter off it is the base
+    if variant == "mora6":  # M = 0: whatever is dropped, the output is the base model's
+        base_only = jax.tree.map(lambda n: n.replace(m=jnp.zeros_like(n.m)) if lf.is_lora(n) else n, lp,
+                                 is_leaf=lf.is_lora)
+        np.testing.assert_allclose(dropped(base_only, x, dropout_key=jax.random.key(1)),
+                                   apply(lf.base(lp), x), rtol=1e-6)
+
+
+def test_children_of_every_kind_are_sharded_from_their_signatures():
+    from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+    from lorax_fn.sharding_rules import adapter_shardings
+
+    mesh = Mesh(np.array(jax.devices()[:1]).reshape(1, 1), ("data", "model"))
+    base = NamedSharding(mesh, P("data", None, "model"))  # (layers, in, out)
+    lay = lf.Layout((0,), (1,), (2,))
+    got = {k: s.spec for k, s in adapter_shardings(base, lay, 3, signatures=lf.DoraWeight.axes).items()}
+    assert got == {"a": P("data", None, None), "b": P("data", None, "model"), "m": P("data", "model")}
+    got = adapter_shardings(base, lay, 3, signatures=lf.MoraWeight.axes)
+    assert got["m"].spec == P("data", None, None)  # the square is replicated within a layer

@@ -634,3 +634,59 @@ def test_escaped_module_names_are_literals():
         assert key.literal == name
         assert key.matches(name, budget) and key.matches("base." + name, budget)
         assert not key.matches("x" + name, budget) and not key.matches(name + ".z", budget)
+
+
+# ----------------------------------------------------------------- DoRA
+def _dora_tree(rng):
+    p = {"q": {"kernel": jnp.asarray(rng.standard_normal((8, 2, 3)), jnp.float32)},
+         "fc": {"kernel": jnp.asarray(rng.standard_normal((6, 5)), jnp.float32)},
+         "layers": {"kernel": jnp.asarray(rng.standard_normal((2, 5, 4)), jnp.float32)}}
+    layout = {"q/kernel": ((), (0,), (1, 2)), "layers/kernel": ((0,), (1,), (2,))}
+    lp = lf.lorafy(p, rank=2, alpha=3.0, variant="dora", layout=lambda path, leaf: layout.get(path))
+    moved = {}
+    for k, v in lp.items():
+        n = v["kernel"]
+        moved[k] = {"kernel": n.replace(b=n.b + 0.1 * jnp.asarray(rng.standard_normal(n.b.shape), jnp.float32),
+                                        m=n.m * 1.1)}
+    return p, moved
+
+
+def test_dora_round_trips_through_peft_files_with_the_magnitude(tmp_path):
+    rng = np.random.default_rng(11)
+    p, lp = _dora_tree(rng)
+    names = rename({"layers/kernel": "layers.{}.mlp", "q/kernel": "q", "fc/kernel": "fc"})
+    d = lf.save_peft(tmp_path / "dora", lp, names)
+    cfg = json.loads((d / CONFIG_FILE).read_text())
+    assert cfg["use_dora"] is True
+    with safe_open(str(d / WEIGHTS_FILE), "np") as f:
+        mags = {k: f.get_tensor(k) for k in f.keys() if k.endswith(".lora_magnitude_vector")}
+    # PEFT's layout: one norm per output unit of the torch (out, in) weight; our out axes flattened
+    assert set(mags) == {f"base_model.model.{n}.lora_magnitude_vector" for n in ("q", "fc", "layers.0.mlp",
+                                                                                    "layers.1.mlp")}
+    np.testing.assert_array_equal(mags["base_model.model.q.lora_magnitude_vector"],
+                                  np.asarray(lp["q"]["kernel"].m).reshape(-1))
+    np.testing.assert_array_equal(mags["base_model.model.layers.1.mlp.lora_magnitude_vector"],
+                                  np.asarray(lp["layers"]["kernel"].m[1]))
+    back = lf.load_peft(d, p, names, layout=lambda path, leaf: {"q/kernel": ((), (0,), (1, 2)),
+                                                                "layers/kernel": ((0,), (1,), (2,))}.get(path))
+    for k in p:
+        got, want = back[k]["kernel"], lp[k]["kernel"]
+        assert isinstance(got, lf.DoraWeight)
+        for c in ("a", "b", "m"):
+            np.testing.assert_array_equal(getattr(got, c), getattr(want, c))
+    np.testing.assert_allclose(lf.merge(back)["q"]["kernel"], lf.merge(lp)["q"]["kernel"], rtol=1e-6)
+
+
+def test_dora_peft_mismatches_are_refused(tmp_path):
+    rng = np.random.default_rng(12)
+    p, lp = _dora_tree(rng)
+    plain = lf.lorafy(p, rank=2, targets="fc/kernel")
+    mixed = {**plain, "q": lp["q"]}
+    with pytest.raises(lf.StructureError, match="use_dora"):
+        lf.save_peft(tmp_path / "mixed", mixed)
+    d = lf.save_peft(tmp_path / "d", {"fc": lp["fc"]})
+    cfg = json.loads((d / CONFIG_FILE).read_text())
+    cfg["use_dora"] = False
+    (d / CONFIG_FILE).write_text(json.dumps(cfg))
+    with pytest.raises(CheckpointError, match="use_dora"):
+        lf.load_peft(d, {"fc": p["fc"]})

@@ -119,7 +119,7 @@ def base(tree: Any) -> Any:
 
 
 def adapters(tree: Any) -> Any:
-    """Only the adapters: ``LoraWeight(w=None, a, b)`` nodes, every other leaf ``None``.
+    """Only the adapters: ``LoraWeight(w=None, a, b)`` nodes (each kind's trainable children), every other leaf ``None``.
 
     ``jax.tree.leaves(adapters(tree))`` lists exactly the adapter arrays.
 
@@ -129,7 +129,9 @@ def adapters(tree: Any) -> Any:
         >>> [x.shape for x in jax.tree.leaves(ad)]
         [(3, 1), (1, 2)]
     """
-    return jax.tree.map(lambda x: x.replace(w=None) if is_lora(x) else None, tree, is_leaf=is_lora)
+    # every child but the trainable ones is dropped (a fully trained leaf keeps its w)
+    return jax.tree.map(lambda x: x.replace(**{n: None for n in x.children if n not in x.trainable})
+                        if is_lora(x) else None, tree, is_leaf=is_lora)
 
 
 def attach(base_tree: Any, adapter_tree: Any) -> Any:
@@ -176,8 +178,10 @@ def attach(base_tree: Any, adapter_tree: Any) -> Any:
         n_axes = len(ad.layout.stack + ad.layout.inputs + ad.layout.outputs)
         need = type(ad).child_shapes(want, ad.config) if len(want) == n_axes else None
         have = {n: tuple(jnp.shape(getattr(ad, n))) for n in ad.children[1:]}
+        if "w" in ad.trainable and tuple(jnp.shape(ad.w)) != want:  # a fully trained leaf carries its own w
+            need = None
         if need is None or have != {n: tuple(s) for n, s in need.items()}:
             shown = ", ".join(f"{n} {s}" for n, s in have.items())
             raise StructureError(f"adapter at '{path}' ({shown}) does not fit base shape {want}")
-        out.append(ad.replace(w=w))
+        out.append(ad if "w" in ad.trainable else ad.replace(w=w))
     return jax.tree_util.tree_unflatten(tdef_b, out)

@@ -43,6 +43,7 @@ from .lorafy import LayoutSpec, _user_layout
 from .paths import leaves_with_paths
 from .peft_patterns import _Budget, _compile_key, _PatternTable, _suffixes
 from .kinds.dora import DoraWeight
+from .kinds.full import FullWeight
 from .kinds.lora import LoraWeight
 from .weight import Layout, factor_shapes, is_lora
 
@@ -78,6 +79,37 @@ def module_name(path: str) -> str:
     if len(parts) > 1 and parts[-1] in _PARAM_NAMES:
         parts = parts[:-1]
     return ".".join(parts)
+
+
+# a fully trained leaf's last path component → the torch parameter it is
+_TORCH_PARAM = {"kernel": "weight", "embedding": "weight", "scale": "weight", "weight": "weight", "bias": "bias"}
+
+
+def _full_name(name_map: NameMap, path: str) -> str | None:
+    """The torch parameter name of a fully trained leaf (PEFT's ``modules_to_save``).
+
+    The default keeps the module path and maps the last component
+    (``head/kernel`` → ``head.weight``, ``ln/scale`` → ``ln.weight``,
+    ``head/bias`` → ``head.bias``); a given ``name_map`` returns the whole
+    parameter name for such a path (e.g. ``{"head/kernel": "lm_head.weight"}``).
+    """
+    if name_map is None:
+        parts = path.split("/")
+        if len(parts) < 2 or parts[-1] not in _TORCH_PARAM:
+            return None
+        return ".".join(parts[:-1] + [_TORCH_PARAM[parts[-1]]])
+    got = rename(name_map)(path) if isinstance(name_map, Mapping) else name_map(path)
+    return got if got is None or isinstance(got, str) else got[0]
+
+
+def _full_to_torch(path: str, x: np.ndarray) -> np.ndarray:
+    """A Flax ``kernel`` (in, out) is torch's ``weight`` (out, in); other parameters keep their layout."""
+    if path.rsplit("/", 1)[-1] != "kernel":
+        return x
+    if x.ndim != 2:
+        raise StructureError(f"fully trained kernel '{path}' has shape {x.shape}; PEFT's modules_to_save export "
+                             "here covers 2-D kernels, biases, norms and embeddings (use lf.save_adapters)")
+    return x.T
 
 
 def rename(rules: Mapping[str, Any]) -> Callable[[str], Any]:
@@ -206,9 +238,12 @@ def save_peft(directory: str | os.PathLike, tree: Any, name_map: NameMap = None,
     The safetensors header also records each weight's Flax path and layout
     (extra metadata PEFT ignores), so :func:`load_peft` restores our files
     exactly. LoRA and DoRA weights are exported (DoRA on linear modules, with
-    ``use_dora`` and each module's ``lora_magnitude_vector``); MoRA, which PEFT
-    does not have, and fully trained leaves are refused (use
-    :func:`save_adapters` for those).
+    ``use_dora`` and each module's ``lora_magnitude_vector``), and fully
+    trained leaves (``lorafy(trainable=...)``) as PEFT's ``modules_to_save``:
+    the tensor under its torch name (``head/kernel`` → ``head.weight``,
+    transposed; ``ln/scale`` → ``ln.weight``; ``head/bias`` → ``head.bias``;
+    a given ``name_map`` returns the whole parameter name for such a path).
+    MoRA, which PEFT does not have, is refused (use :func:`save_adapters`).
 
     Args:
       directory: the output directory (created; existing files of these names are replaced, other
@@ -250,11 +285,24 @@ def save_peft(directory: str | os.PathLike, tree: Any, name_map: NameMap = None,
     flat, _ = leaves_with_paths(tree, is_leaf=is_lora)
     tensors, owners, record = {}, {}, []
     ranks, alphas, variants, kinds_seen = {}, {}, set(), set()
+    full_names = []
     for path, leaf in flat:
         if not is_lora(leaf):
             continue
+        if leaf.kind == "full":  # PEFT's modules_to_save: the tensor itself, under its torch name
+            name = _full_name(name_map, path)
+            if name is None:
+                raise StructureError(f"name_map gives no torch parameter name for fully trained leaf '{path}'")
+            t = _full_to_torch(path, np.asarray(leaf.w))
+            key = f"{PREFIX}{name}"
+            if key in tensors:
+                raise StructureError(f"'{path}' and another leaf both map to '{name}'")
+            tensors[key] = np.ascontiguousarray(t if dtype is None else t.astype(dtype))
+            full_names.append(name)
+            record.append({"path": path, "full": name})
+            continue
         if leaf.kind not in ("lora", "dora"):
-            why = {"mora": "PEFT has no MoRA", "full": "PEFT keeps fully trained modules apart"}.get(
+            why = {"mora": "PEFT has no MoRA"}.get(
                 leaf.kind, "this writer handles LoRA and DoRA only")
             raise StructureError(f"'{path}' is a {type(leaf).__name__} ({leaf.kind} adapter): {why}; save the "
                                  "tree with lf.save_adapters, our own format, which stores every kind")
@@ -291,7 +339,7 @@ def save_peft(directory: str | os.PathLike, tree: Any, name_map: NameMap = None,
         kinds_seen.add(leaf.kind)
         record.append({"path": path, "module": tmpl, "kind": kind,
                        "layout": [list(lay.stack), list(lay.inputs), list(lay.outputs)]})
-    if not tensors:
+    if not ranks:
         raise StructureError("the tree has no LoRA weights to export")
     if len(variants) > 1:
         raise StructureError(f"PEFT has one use_rslora flag for all modules; the tree mixes {sorted(variants)}")
@@ -303,7 +351,8 @@ def save_peft(directory: str | os.PathLike, tree: Any, name_map: NameMap = None,
         "peft_type": "LORA", "task_type": task_type, "base_model_name_or_path": base_model_name_or_path,
         "revision": None, "inference_mode": True, "r": r, "lora_alpha": _number(alpha),
         "lora_dropout": 0.0, "target_modules": sorted(ranks), "fan_in_fan_out": False, "bias": "none",
-        "use_rslora": variants == {"rslora"}, "modules_to_save": None, "init_lora_weights": True,
+        "use_rslora": variants == {"rslora"},
+        "modules_to_save": sorted({n.rsplit(".", 1)[0] for n in full_names}) or None, "init_lora_weights": True,
         "layers_to_transform": None, "layers_pattern": None,
         # PEFT matches pattern keys as regexes against module names: escape the dots
         "rank_pattern": {re.escape(n): k for n, k in sorted(ranks.items()) if k != r},
@@ -515,6 +564,11 @@ class _Config:
             if config.get(flag) not in (None, True, False):
                 raise CheckpointError(f"'{where}': field '{flag}' is {config.get(flag)!r}, not true or false")
         self.dora = bool(config.get("use_dora"))
+        saved = config.get("modules_to_save")
+        if saved is not None and not (isinstance(saved, list) and all(isinstance(m, str) for m in saved)):
+            raise CheckpointError(f"'{where}': field 'modules_to_save' is {_short(saved)}; expected a list of "
+                                  "module names")
+        self.modules_to_save = tuple(saved or ())
         self.budget = _Budget(where)  # for building and running every key's automaton
         self.r = _rank_value(config.get("r"), "field 'r'", where)
         self.alpha = _alpha_value(config.get("lora_alpha"), "field 'lora_alpha'", where)
@@ -567,14 +621,28 @@ def _read(directory: Path) -> tuple[dict, _Config, dict, dict]:
     return config, checked, header, meta
 
 
-def _group(header: dict, where: str) -> dict[str, dict]:
-    """``{module: {"A": shape, "B": shape, "keys": {...}, "kind": ...}}``; unknown keys are an error, not skipped."""
+def _saved_module(key: str, cfg: "_Config") -> bool:
+    """Whether a tensor key is a parameter of a module the config lists in ``modules_to_save``."""
+    if not key.startswith(PREFIX) or "." not in key[len(PREFIX):]:
+        return False
+    module = key[len(PREFIX):].rsplit(".", 1)[0]
+    return any(module == m or module.endswith("." + m) for m in cfg.modules_to_save)
+
+
+def _group(header: dict, where: str, cfg: "_Config") -> tuple[dict[str, dict], dict[str, tuple]]:
+    """``{module: {"A": shape, "B": shape, "keys": {...}, "kind": ...}}`` and ``{name: shape}`` of the
+    ``modules_to_save`` tensors; unknown keys are an error, not skipped."""
     out: dict[str, dict] = {}
+    full: dict[str, tuple] = {}
     for key, (shape, _) in header.items():
         hit = next(((s, v) for s, v in _SUFFIXES.items() if key.endswith(s)), None)
+        if hit is None and _saved_module(key, cfg):
+            full[key[len(PREFIX):]] = shape
+            continue
         if hit is None or not key.startswith(PREFIX):
             raise CheckpointError(f"{where}: tensor '{key}' is not a LoRA A/B weight under '{PREFIX}' "
-                                  "(biases, modules_to_save and other PEFT methods are not read)")
+                                  "or a parameter of a module in the config's modules_to_save (other PEFT methods "
+                                  "are not read)")
         suffix, (kind, which) = hit
         mod = out.setdefault(key[len(PREFIX):-len(suffix)], {"kind": None, "keys": {}})
         if which != "M":
@@ -593,7 +661,7 @@ def _group(header: dict, where: str) -> dict[str, dict]:
         if "M" in mod and (mod["kind"] != "matrix" or len(A) != 2 or mod["M"] != (B[0],)):
             raise CheckpointError(f"{where}: module '{name}' has {MAGNITUDE} {mod['M']} with lora_A {A} and "
                                   f"lora_B {B}; this reader takes DoRA on linear modules, magnitude (out,)")
-    return out
+    return out, full
 
 
 def _infer_layout(shape: tuple, ns: int, A: tuple, B: tuple, path: str) -> Layout:
@@ -658,7 +726,7 @@ def load_peft(directory: str | os.PathLike, base: Any, name_map: NameMap = None,
     """
     where = str(Path(directory).expanduser().absolute())
     config, cfg, header, meta = _read(Path(where))
-    modules = _group(header, where)
+    modules, full = _group(header, where, cfg)
     with_m = sorted(n for n, mod in modules.items() if "M" in mod)
     if cfg.dora and len(with_m) != len(modules):
         raise CheckpointError(f"{where}: the config says use_dora (a DoRA adapter), but modules "
@@ -675,7 +743,20 @@ def load_peft(directory: str | os.PathLike, base: Any, name_map: NameMap = None,
     # does not fit, and the allocations are bounded by the tensors the file really holds).
     # owner: module -> the path it went to, so one module never fills two weights (a sloppy name_map)
     plans, owner = [], {}
+    full_plans, full_owner = [], {}
     for i, (path, leaf) in enumerate(flat):
+        fname = _full_name(name_map, path) if full else None
+        if fname in full:  # a modules_to_save parameter: the leaf itself trained
+            w = leaf.w if is_lora(leaf) else leaf
+            want = tuple(np.shape(_full_to_torch(path, np.empty(np.shape(w), np.uint8))))
+            if full[fname] != want:
+                raise StructureError(f"{where}: '{fname}' has shape {full[fname]} in the file, but base leaf "
+                                     f"'{path}' needs {want}")
+            if fname in full_owner:
+                raise StructureError(f"{where}: '{fname}' maps to both '{full_owner[fname]}' and '{path}'")
+            full_owner[fname] = path
+            full_plans.append((i, path, w, fname))
+            continue
         got = _resolve(name_map, path)
         if got is None:
             continue
@@ -753,7 +834,11 @@ def load_peft(directory: str | os.PathLike, base: Any, name_map: NameMap = None,
         raise StructureError(f"{where}: no base weight maps to modules {unclaimed[:5]}; check name_map "
                              "(it must give these names for the base's paths)")
     # a LoRA template's adapters that the file does not replace would otherwise come back unchanged
-    filled = {p[0] for p in plans}
+    lost = sorted(set(full) - set(full_owner))
+    if lost:
+        raise StructureError(f"{where}: no base leaf maps to the modules_to_save parameters {lost[:5]}; check "
+                             "name_map (it must give these names for the base's paths)")
+    filled = {p[0] for p in plans} | {p[0] for p in full_plans}
     stale = [p for j, (p, x) in enumerate(flat) if is_lora(x) and j not in filled]
     if stale:
         raise StructureError(f"{where}: the given tree has adapters the file does not have: "
@@ -773,6 +858,10 @@ def load_peft(directory: str | os.PathLike, base: Any, name_map: NameMap = None,
                               "interrupted between writing the two files); save the adapter again")
     leaves = [x for _, x in flat]
     arrays = _read_tensors(Path(where) / WEIGHTS_FILE, modules, [n for p in plans for _, n in p[3]])
+    saved = _read_full(Path(where) / WEIGHTS_FILE, full)
+    for i, path, w, fname in full_plans:
+        x = _full_to_torch(path, saved[fname])  # its own inverse: a transpose or nothing
+        leaves[i] = FullWeight(jnp.asarray(x).astype(jnp.result_type(w) if dtype is None else dtype))
     for i, w, lay, slices, rank, alpha, sa, sb, swap in plans:
         a = b = m = None
         sm = sb[:len(lay.stack)] + sb[len(lay.stack) + 1:]  # DoRA's magnitude: stack + out
@@ -794,6 +883,23 @@ def load_peft(directory: str | os.PathLike, base: Any, name_map: NameMap = None,
             m = jnp.asarray(m) if dtype is None else jnp.asarray(m).astype(dtype)
             leaves[i] = DoraWeight(w, a, b, m, rank=rank, alpha=float(alpha), layout=lay, variant=cfg.variant)
     return jax.tree_util.tree_unflatten(treedef, leaves)
+
+
+def _read_full(w_path: Path, full: dict) -> dict[str, np.ndarray]:
+    """The ``modules_to_save`` tensors, each checked against the shape its header gave."""
+    from safetensors import safe_open
+
+    if not full:
+        return {}
+    w_path = _regular_file(w_path, w_path.parent, WEIGHTS_FILE)
+    try:
+        with safe_open(str(w_path), "np") as f:
+            out = {name: f.get_tensor(PREFIX + name) for name in full}
+    except Exception as err:  # safetensors raises its own error types for damaged headers and short files
+        raise CheckpointError(f"cannot read '{w_path}': {err}") from err
+    if any(tuple(x.shape) != full[name] for name, x in out.items()):
+        raise CheckpointError(f"'{w_path}' changed while it was being read; load it again")
+    return out
 
 
 def _short(value: Any, limit: int = 200) -> str:

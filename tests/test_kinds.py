@@ -331,3 +331,22 @@ def test_children_of_every_kind_are_sharded_from_their_signatures():
     assert got == {"a": P("data", None, None), "b": P("data", None, "model"), "m": P("data", "model")}
     got = adapter_shardings(base, lay, 3, signatures=lf.MoraWeight.axes)
     assert got["m"].spec == P("data", None, None)  # the square is replicated within a layer
+
+
+def test_adapters_and_attach_keep_every_kinds_trainable_children():
+    rng = np.random.default_rng(7)
+    p = {"a": jnp.asarray(rng.standard_normal((6, 4)), jnp.float32),
+         "m": jnp.asarray(rng.standard_normal((8, 8)), jnp.float32), "bias": jnp.zeros(4)}
+    lp = _trained({**lf.lorafy({"a": p["a"]}, rank=2, variant="dora"),
+                   **lf.lorafy({"m": p["m"]}, rank=2, variant="mora"),
+                   **lf.lorafy({"bias": p["bias"], "k": jnp.ones((4, 4))}, rank=1, targets="k",
+                               trainable="bias")})
+    lp.pop("k")
+    ad = lf.adapters(lp)
+    assert ad["a"].w is None and ad["m"].w is None and ad["bias"].w is not None  # the trained bias stays
+    back = lf.attach(p, ad)
+    for k in p:
+        for c in back[k].children:
+            np.testing.assert_array_equal(getattr(back[k], c), getattr(lp[k], c))
+    with pytest.raises(lf.StructureError, match="'m'"):
+        lf.attach({**p, "m": jnp.zeros((8, 40))}, ad)  # a square of 10, not 6

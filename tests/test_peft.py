@@ -690,3 +690,33 @@ def test_dora_peft_mismatches_are_refused(tmp_path):
     (d / CONFIG_FILE).write_text(json.dumps(cfg))
     with pytest.raises(CheckpointError, match="use_dora"):
         lf.load_peft(d, {"fc": p["fc"]})
+
+
+# ----------------------------------------------------------------- modules_to_save
+def test_fully_trained_leaves_travel_as_modules_to_save(tmp_path):
+    rng = np.random.default_rng(13)
+    p = {"fc": {"kernel": jnp.asarray(rng.standard_normal((6, 5)), jnp.float32)},
+         "head": {"kernel": jnp.asarray(rng.standard_normal((5, 3)), jnp.float32), "bias": jnp.zeros(3)},
+         "ln": {"scale": jnp.ones(5)}}
+    lp = lf.lorafy(p, rank=2, targets="fc/kernel", trainable=["head/.*", "ln/scale"])
+    lp = jax.tree.map(lambda n: n.replace(w=n.w + 0.5) if isinstance(n, lf.FullWeight) else n, lp,
+                      is_leaf=lf.is_lora)
+    d = lf.save_peft(tmp_path / "m", lp)
+    cfg = json.loads((d / CONFIG_FILE).read_text())
+    assert cfg["modules_to_save"] == ["head", "ln"] and cfg["target_modules"] == ["fc"]
+    with safe_open(str(d / WEIGHTS_FILE), "np") as f:
+        keys = set(f.keys())
+        head_w = f.get_tensor(f"{P}head.weight")
+    assert {f"{P}head.weight", f"{P}head.bias", f"{P}ln.weight"} <= keys
+    np.testing.assert_array_equal(head_w, np.asarray(lp["head"]["kernel"].w).T)  # torch (out, in)
+    back = lf.load_peft(d, p)
+    for path in (("head", "kernel"), ("head", "bias"), ("ln", "scale")):
+        got, want = back[path[0]][path[1]], lp[path[0]][path[1]]
+        assert isinstance(got, lf.FullWeight)
+        np.testing.assert_array_equal(got.w, want.w)
+    np.testing.assert_array_equal(back["fc"]["kernel"].a, lp["fc"]["kernel"].a)
+    # the config and the file must agree: a parameter of a module the config does not list is refused
+    cfg["modules_to_save"] = ["ln"]
+    (d / CONFIG_FILE).write_text(json.dumps(cfg))
+    with pytest.raises(CheckpointError, match=r"head\.(weight|bias).*modules_to_save"):
+        lf.load_peft(d, p)

@@ -77,7 +77,11 @@ class MoraWeight(Adapter):
 
     @classmethod
     def child_shapes(cls, shape, config):
-        lay, size = config["layout"], config["square"]
+        # from the base's shape, not the stored ``square``: an M made for another base does not fit
+        lay = config["layout"]
+        n_in = math.prod(shape[k] for k in lay.inputs)
+        n_out = math.prod(shape[k] for k in lay.outputs)
+        size = square_size(n_in, n_out, config["rank"], config["type"])
         return {"m": tuple(shape[k] for k in lay.stack) + (size, size)}
 
     @classmethod

@@ -100,9 +100,17 @@ class LoraWeight(Adapter):
     def delta(cls, z, dtype):
         return delta_canonical(z.meta, scale_of(z.meta.config), z.a, z.b, dtype)
 
-    dot_general = classmethod(lambda cls, ctx, d: dot(ctx, d, scale_of(d.z.meta.config)))
-    conv = classmethod(lambda cls, ctx, eqn, x, z: conv(ctx, eqn, x, z, scale_of(z.meta.config)))
-    gather = classmethod(lambda cls, ctx, eqn, z, idx: gather(ctx, eqn, z, idx, scale_of(z.meta.config)))
+    @classmethod
+    def dot_general(cls, ctx, d):
+        return dot(ctx, d, scale_of(d.z.meta.config))
+
+    @classmethod
+    def conv(cls, ctx, eqn, x, z):
+        return conv(ctx, eqn, x, z, scale_of(z.meta.config))
+
+    @classmethod
+    def gather(cls, ctx, eqn, z, idx):
+        return gather(ctx, eqn, z, idx, scale_of(z.meta.config))
 
 
 @dataclasses.dataclass(frozen=True)

@@ -107,6 +107,11 @@ class Dot(NamedTuple):
         """The primitive itself on ``x_`` and a dense weight ``w_``."""
         return bind(self.eqn, *((w_, x_) if self.z_is_lhs else (x_, w_)))
 
+    def forward_batched(self) -> bool:
+        """``x @ w`` (not ``x @ wᵀ``) with every stack axis of the weight a batch axis of ``x``: the
+        use a kind that rescales or remaps the output units handles; other uses can fall back to dense."""
+        return self.mode == "i" and all(c in self.xl for c in self.canon()[0])
+
     def canon(self) -> tuple[str, str, str]:
         """z's stack, in and out letters in canonical order."""
         m = self.z.meta

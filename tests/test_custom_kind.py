@@ -45,7 +45,7 @@ class IA3Weight(lf.Adapter):
     @classmethod
     def dot_general(cls, ctx, d):
         s_l, _, o_l = d.canon()
-        if d.mode != "i" or any(c not in d.xl for c in s_l):
+        if not d.forward_batched():
             return None
         y = d.dense(d.x, d.z.w)
         return jnp.einsum(f"{d.out},{s_l}{o_l}->{d.out}", y, d.z.v.astype(y.dtype)), None

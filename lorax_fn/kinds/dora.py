@@ -96,7 +96,7 @@ class DoraWeight(Adapter):
     def dot_general(cls, ctx, d):
         z, m = d.z, d.z.meta
         s_l, _, o_l = d.canon()
-        if d.mode != "i" or any(c not in d.xl for c in s_l):
+        if not d.forward_batched():
             return None  # x @ wᵀ, or stack axes not matched by x: the dense weight
         scale = lora.scale_of(m.config)
         dense, low = lora.dot(ctx, d, scale)

@@ -113,7 +113,7 @@ class MoraWeight(Adapter):
     def dot_general(cls, ctx, d):
         z, m = d.z, d.z.meta
         s_l, i_l, o_l = d.canon()
-        if d.mode != "i" or any(c not in d.xl for c in s_l):
+        if not d.forward_batched():
             return None  # x @ wᵀ, or stack axes not matched by x: the dense weight
         s, i, o = lz.canonical_sizes(z)
         cfg = m.config

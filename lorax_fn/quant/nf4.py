@@ -17,6 +17,7 @@ one float32 scale per block.
 
 from __future__ import annotations
 
+import functools
 from typing import Any, NamedTuple
 
 import numpy as np
@@ -35,7 +36,19 @@ THRESHOLDS = ((LEVELS[:-1] + LEVELS[1:]).astype(np.float32) / np.float32(2)).ast
 _TINY = np.float32(1e-38)  # the reference's floor under absmax (a float32 subnormal)
 
 
+@functools.cache
+def _dynamic_code() -> np.ndarray:
+    table = _build_dynamic_code()
+    table.setflags(write=False)  # shared by every caller
+    return table
+
+
 def dynamic_code() -> np.ndarray:
+    """The 256-entry map of the nested 8-bit quantisation (sorted, float32), built once per process."""
+    return _dynamic_code()
+
+
+def _build_dynamic_code() -> np.ndarray:
     """The 256-entry map of the nested 8-bit quantisation (sorted, float32), built the reference's way:
     per decade ``i = 0..6``, the means of neighbours of a float32 linspace(0.1, 1, 2^i + 1), scaled by
     ``10^(i-6)``, both signs, plus 0 and 1."""

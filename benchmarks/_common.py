@@ -71,6 +71,26 @@ def median_time(step: Callable[[], Any], steps: int, warmup: int = 2,
     return statistics.median(times), times
 
 
+def train_steps(step: Callable[[Any, Any], tuple[Any, Any]], state: Any, batches: list,
+                steps: int) -> tuple[dict[str, Any], Any]:
+    """Run ``state, loss = step(state, batch)`` over ``batches`` in turn (2 warm-up calls, then
+    ``steps`` timed): ``(record, final state)``, the record with the median step time, every
+    time, the first and last loss, the peak RSS and the machine."""
+    box = {"state": state, "i": 0, "losses": []}
+
+    def one():
+        box["state"], loss = step(box["state"], batches[box["i"] % len(batches)])
+        box["i"] += 1
+        box["losses"].append(loss)
+        return loss
+
+    med, times = median_time(one, steps, warmup=2)
+    rec = {"step_ms": med, "step_ms_all": [round(t, 2) for t in times],
+           "loss_first": float(box["losses"][0]), "loss_last": float(box["losses"][-1]),
+           "peak_rss_mb": peak_rss_mb(), "machine": machine()}
+    return rec, box["state"]
+
+
 def analyses(compiled) -> dict[str, Any]:
     """Compiled FLOPs and XLA's memory plan (bytes) of a ``jax.stages.Compiled``."""
     out: dict[str, Any] = {}

@@ -225,20 +225,10 @@ def run_one(a) -> dict:
            **dataclasses.asdict(shape), "rank": a.rank, "dtype": a.dtype,
            "compile_s": compile_s, **C.analyses(compiled), **extra}
     rec["opt_state_bytes"] = C.tree_bytes(_opt_state(a.config, state))
-    box = {"state": state, "i": 0, "losses": []}
-
-    def one():
-        box["state"], loss = compiled(box["state"], tokens[box["i"] % len(tokens)])
-        box["i"] += 1
-        box["losses"].append(loss)
-        return loss
-
-    med, times = C.median_time(one, a.steps, warmup=2)
-    rec.update(step_ms=med, step_ms_all=[round(t, 2) for t in times],
-               loss_first=float(box["losses"][0]), loss_last=float(box["losses"][-1]),
-               peak_rss_mb=C.peak_rss_mb(), machine=C.machine())
+    stats, final = C.train_steps(compiled, state, tokens, a.steps)
+    rec.update(stats)
     if after:
-        rec.update(after(box["state"]))
+        rec.update(after(final))
     if tuple(int(p) for p in jax.__version__.split(".")[:3]) < (0, 4, 30):
         # this JAX's CPU cost analysis counts only part of the step (1.5 GFLOP where the
         # forward matmuls alone are ~25) and its memory analysis is empty: not comparable

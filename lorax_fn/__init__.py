@@ -16,6 +16,8 @@ from .optim import combine, optimizer, split, trainable_mask
 from .transform import Explanation, explain, lora
 from .kinds import DoRA, DoraWeight, Full, FullWeight, LoRA, LoraWeight, MoRA, MoraWeight, kinds, register_kind
 from .weight import Adapter, Layout, is_lora
+from .quant.array import QuantizedArray, is_quantized
+from .quant.tree import Quantization, dequantize, quantize
 from .checkpoint import load_adapters, read_adapter_config, save_adapters, save_merged
 from .peft import load_peft, save_peft
 from .resume import AdapterCheckpointManager, Restored
@@ -27,6 +29,7 @@ __all__ = [  # the public API: everything else is internal
     "ArgumentError", "Explanation", "Layout", "LayoutError", "LoraError", "LoraWeight", "MaterializationError",
     "MaterializationWarning", "NoAdapterWarning", "RankError", "StructureError", "TargetDtypeError", "TargetError",
     "Use", "adapters", "attach", "base", "combine", "explain", "is_lora", "lora", "lorafy",
+    "Quantization", "QuantizedArray", "dequantize", "is_quantized", "quantize",
     "merge", "optimizer", "split", "to_original_base", "trainable_mask",
     "AdapterCheckpointManager", "CheckpointError", "Restored", "load_adapters", "load_peft",
     "read_adapter_config", "save_adapters", "save_merged", "save_peft",

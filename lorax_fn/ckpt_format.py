@@ -9,7 +9,11 @@ An adapter checkpoint is an Orbax composite of two items:
 - ``config``: JSON naming, for every entry, the parameter path, rank, alpha,
   variant, layout, the base weight's shape and dtype, and each stored array's
   shape, dtype and CRC-32. The checksums are what turns a damaged file into an
-  error instead of silently wrong weights.
+  error instead of silently wrong weights. An adapter on a quantised base
+  (QLoRA) also records the quantisation (``quant``: codebook, block size,
+  double quantisation, coded leading axes, dtype, and the CRC-32 of each coded
+  part), so that loading onto the original weights rebuilds the same codes, or
+  refuses.
 
 This module builds both from a LoRA tree and, on load, checks a config against
 the base it is loaded onto and against the arrays Orbax reports, before any
@@ -32,13 +36,14 @@ from .errors import CheckpointError, LoraError, StructureError
 from .lorafy import Targets, _matcher
 from .paths import leaves_with_paths
 from .sharding_rules import adapter_shardings, leaf_sharding
+from .quant.array import QuantizedArray, is_quantized, quantize_array
 from .weight import Layout, is_lora
 
 FORMAT = "lorax_fn.adapters"
 # 2: the config carries ``config_crc32``; version-1 configs (without it) still load.
 # 3: entries name their adapter ``kind``; written only when a kind other than LoRA is
 # stored, so that LoRA checkpoints stay readable by version-2 readers
-FORMAT_VERSION = 3
+FORMAT_VERSION = 4  # 2: LoRA only; 3: adapter kinds; 4: quantised bases
 ARRAYS, CONFIG = "arrays", "config"
 CONFIG_CRC = "config_crc32"
 
@@ -142,6 +147,7 @@ def describe(tree: Any, trainable: Targets = None, metadata: Mapping[str, Any] |
                 "layout": {"stack": list(lay.stack), "in": list(lay.inputs), "out": list(lay.outputs)},
                 "base": {"shape": list(leaf.shape), "dtype": np.dtype(leaf.dtype).name},
                 "arrays": {name: array_spec(x) for name, x in kids.items()},
+                **({"quant": quant_record(leaf.w)} if is_quantized(leaf.w) else {}),
             })
         elif extra is not None and leaf is not None and extra(path, leaf):
             _check_unique(path, seen, "the tree")
@@ -152,7 +158,8 @@ def describe(tree: Any, trainable: Targets = None, metadata: Mapping[str, Any] |
             full.append({"path": path, "key": key, **array_spec(leaf)})
     if not adapters and not full:
         raise StructureError("the tree has no LoRA weights and `trainable` matched no leaf: nothing to save")
-    version = 2 if all(e["kind"] == "lora" for e in adapters) else FORMAT_VERSION
+    version = (FORMAT_VERSION if any("quant" in e for e in adapters) else
+               2 if all(e["kind"] == "lora" for e in adapters) else 3)
     config = {"format": FORMAT, "format_version": version, "library_version": __version__,
               "adapters": adapters, "trainable": full, "metadata": dict(metadata or {})}
     if train is not None:
@@ -160,6 +167,61 @@ def describe(tree: Any, trainable: Targets = None, metadata: Mapping[str, Any] |
     # the array checksums do not cover the config itself (rank, alpha, variant, layout)
     config[CONFIG_CRC] = config_crc32(config)
     return arrays, config
+
+
+def quant_record(q: QuantizedArray) -> dict:
+    """What rebuilds ``q`` from the original weight, and the checksums its codes must have."""
+    crcs = {n: crc32(getattr(q, n)) for n in ("codes", "absmax", "absmax_q", "nested", "offset")
+            if getattr(q, n) is not None}
+    return {**q.settings(), "crc32": crcs}
+
+
+_QUANT_FIELDS = ("codebook", "block_size", "double_quant", "lead", "dtype")
+
+
+def _settings_text(d: Mapping) -> str:
+    return ", ".join(f"{k} {d[k]}" for k in _QUANT_FIELDS if k in d)
+
+
+def _quantized_base(e: dict, w: Any, where: str) -> Any:
+    """The base an entry's adapters were trained on, from the given base leaf ``w``.
+
+    A dense ``w`` is quantised with the recorded settings; a quantised one must
+    have them. Either way its codes must match the recorded checksums.
+
+    Raises:
+      CheckpointError: the base is quantised differently (or the checkpoint
+        has no quantisation but the base does), or its codes differ.
+    """
+    path, rec = e["path"], e.get("quant")
+    if rec is None:
+        if is_quantized(w):
+            raise CheckpointError(f"{where}: the adapters for '{path}' were trained on a dense base, but the "
+                                  f"base given here is quantised ({_settings_text(w.settings())}); give the "
+                                  "dense weights (lf.dequantize changes the values)")
+        return w
+    if not isinstance(rec, Mapping) or any(k not in rec for k in _QUANT_FIELDS + ("crc32",)):
+        raise CheckpointError(f"{where}: config field 'adapters['{path}'].quant' is malformed")
+    if is_quantized(w):
+        got = w.settings()
+        if any(got[k] != rec[k] for k in _QUANT_FIELDS if k != "dtype"):
+            raise CheckpointError(f"{where}: the base given for '{path}' is quantised with "
+                                  f"{_settings_text(got)}, but the adapters were trained on a base quantised "
+                                  f"with {_settings_text(rec)}; give the original dense weights instead")
+        q = w
+    else:
+        if not (hasattr(w, "dtype") and jnp.issubdtype(w.dtype, jnp.floating)):
+            raise CheckpointError(f"{where}: base leaf '{path}' is {getattr(w, 'dtype', type(w).__name__)}, "
+                                  "not floating point: it cannot be quantised")
+        q = quantize_array(w, rec["codebook"], rec["block_size"], rec["double_quant"], rec["lead"], rec["dtype"])
+    for name, want in rec["crc32"].items():
+        part = getattr(q, name, None) if name in ("codes", "absmax", "absmax_q", "nested", "offset") else None
+        got_crc = None if part is None else crc32(part)
+        if part is None or (want is not None and got_crc is not None and got_crc != want):
+            raise CheckpointError(f"{where}: the base given for '{path}' quantises to other {name} than the "
+                                  f"base the adapters were trained on ({_settings_text(rec)}): it is not the "
+                                  "same weight; give the original params the adapters were trained on")
+    return q if rec["dtype"] == q.dtype.name else q.astype(rec["dtype"])
 
 
 # ------------------------------------------------------------------ load side
@@ -321,7 +383,7 @@ def plan(config: dict, base: Any, where: str, shardings: Any = None) -> Plan:
         leaves have the path of a checkpoint entry.
       CheckpointError: the config contradicts itself.
     """
-    flat, treedef = leaves_with_paths(base, is_leaf=is_lora)
+    flat, treedef = leaves_with_paths(base, is_leaf=lambda x: is_lora(x) or is_quantized(x))
     index = {p: i for i, (p, _) in enumerate(flat)}
     counts = collections.Counter(p for p, _ in flat)
     leaves = [x for _, x in flat]
@@ -351,8 +413,12 @@ def plan(config: dict, base: Any, where: str, shardings: Any = None) -> Plan:
             raise StructureError(f"{where}: adapter for '{path}' was trained on a base of shape {saved}, "
                                  f"but the base given here has shape {got} at that path")
         w = leaf.w if is_lora(leaf) else leaf
-        if not jnp.issubdtype(jnp.result_type(w), jnp.floating):
-            raise StructureError(f"{where}: base leaf '{path}' is {jnp.result_type(w)}, not floating point")
+        wdt = w.dtype if is_quantized(w) else jnp.result_type(w)
+        if not jnp.issubdtype(wdt, jnp.floating):
+            raise StructureError(f"{where}: base leaf '{path}' is {wdt}, not floating point")
+        qw = _quantized_base(e, w, where)
+        if qw is not w:
+            leaves[i] = leaf.replace(w=qw) if is_lora(leaf) else qw
         cls = _node_class(e, where)
         if is_lora(leaf):
             have = {n: tuple(np.shape(getattr(leaf, n))) for n in leaf.trainable}

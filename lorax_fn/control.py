@@ -124,8 +124,15 @@ def _dense_tangent(primal, tangent):
 _CUSTOM_WHY = "the function's own derivative rule needs the dense weight"
 
 
+def _dense_bases(invals):
+    """Quantised bases dequantised: these rules hand the lazy values to code that differentiates or
+    partitions them whole, which the integer codes cannot take part in."""
+    return [lz.dense_base(v) if isinstance(v, Lazy) else v for v in invals]
+
+
 def _custom_jvp(ctx, eqn, invals):
     p = eqn.params
+    invals = _dense_bases(invals)
 
     @jax.custom_jvp
     def fn(*args):
@@ -146,6 +153,7 @@ def _custom_jvp(ctx, eqn, invals):
 
 def _custom_vjp(ctx, eqn, invals):
     p = eqn.params
+    invals = _dense_bases(invals)
 
     def dense_call(*args):
         return bind(eqn, *[ctx.dense(x, eqn, _CUSTOM_WHY) for x in args])
@@ -169,6 +177,7 @@ def _custom_vjp(ctx, eqn, invals):
 
 def _shard_map(ctx, eqn, invals):
     p = eqn.params
+    invals = _dense_bases(invals)
     specs = []
     for v, spec in zip(invals, p["in_specs"]):
         if not isinstance(v, Lazy):

@@ -94,6 +94,8 @@ class Context:
     def materialize(self, z: Lazy, eqn, why: str = "") -> Any:
         """Dense ``w + ΔW`` for ``z``, subject to the policy (the always-correct fallback)."""
         name = eqn.primitive.name if eqn is not None else "output"
+        if getattr(z.meta.kind, "silent", False):
+            return lz.materialize(z)
         msg = (f"LoRA weight '{z.meta.path}' (shape {tuple(z.shape)}) is materialised as a dense "
                f"matrix by '{name}'" + (f": {why}" if why else ""))
         if self.policy == "raise":

@@ -18,6 +18,7 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
+from .quant.array import QuantizedArray, reshaped as _quant_reshaped
 
 
 class Meta(NamedTuple):
@@ -160,7 +161,31 @@ def to_value(z: Lazy, x):
 
 def materialize(z: Lazy) -> jax.Array:
     """The dense value of ``z`` (``w + ΔW`` for LoRA) in ``w``'s dtype, from its kind."""
-    return z.meta.kind.dense(z)
+    return z.meta.kind.dense(dense_base(z))
+
+
+# ------------------------------------------------------------ quantised bases
+# A QuantizedArray base stays coded through the structural operations that keep
+# its slices whole (casts, reshapes, slices and scans over its leading axes), so
+# that a scanned stack is dequantised one layer at a time, inside the consuming
+# rule; any other operation dequantises it first (the dense value of one use).
+def dense_base(z: Lazy) -> Lazy:
+    """``z`` with a quantised base dequantised (to the base's current dtype)."""
+    if isinstance(z.w, QuantizedArray):
+        return z.with_parts(z.w.dequantize(), z.parts)
+    return z
+
+
+def _reshape_w(w, shape):
+    if isinstance(w, QuantizedArray):
+        view = _quant_reshaped(w, shape)
+        return view if view is not None else w.dequantize().reshape(shape)
+    return w.reshape(shape)
+
+
+def _lead_only(w, touched) -> bool:
+    """True when every value axis in ``touched`` is one of a quantised base's separately coded axes."""
+    return all(k < w.lead for k in touched)
 
 
 # ---------------------------------------------------------------- structure
@@ -171,6 +196,8 @@ def cast(z: Lazy, dtype) -> Lazy:
 
 
 def transpose(z: Lazy, perm) -> Lazy:
+    if tuple(perm) != tuple(range(len(perm))):
+        z = dense_base(z)
     meta = z.meta._replace(axes=tuple(z.meta.axes[p] for p in perm))
     return z.with_parts(jnp.transpose(z.w, perm), z.parts, meta)
 
@@ -198,7 +225,7 @@ def _drop_units(z: Lazy) -> Lazy:
     renum = {c: n for n, c in enumerate(c for c in range(len(canon)) if c not in dropped)}
     sizes = [canon[c] for c in range(len(canon)) if c not in dropped]
     axes = tuple(renum[m.axes[k]] for k in keep)
-    w = z.w.reshape(tuple(z.w.shape[k] for k in keep))
+    w = _reshape_w(z.w, tuple(z.w.shape[k] for k in keep))
     return _reshaped(z, w, sizes, ns, ni, axes)
 
 
@@ -256,7 +283,7 @@ def reshape(z: Lazy, new_shape) -> Lazy | None:
             sizes.append(new_shape[j])
             counts[role] += 1
     axes = tuple(new_axes[j] for j in range(len(new_shape)))
-    return _reshaped(z, z.w.reshape(new_shape), sizes, counts["s"], counts["i"], axes)
+    return _reshaped(z, _reshape_w(z.w, new_shape), sizes, counts["s"], counts["i"], axes)
 
 
 def _stack_index(z: Lazy, per_axis):
@@ -275,6 +302,12 @@ def slice_stack(z: Lazy, start, limit, strides) -> Lazy | None:
         if m.role(k) != "s" and not full:
             return None
     sl = tuple(_stack_index(z, [slice(s, l, st) for s, l, st in zip(start, limit, strides)]))
+    if isinstance(z.w, QuantizedArray):
+        touched = [k for k in range(len(shape)) if (start[k], limit[k], strides[k]) != (0, shape[k], 1)]
+        if _lead_only(z.w, touched):
+            lead = tuple(slice(start[k], limit[k], strides[k]) for k in range(z.w.lead))
+            return z.with_parts(z.w.with_children(lambda c: c[lead]), [p[sl] for p in z.parts])
+        z = dense_base(z)
     w = lax.slice(z.w, start, limit, strides)
     # every child signature starts with the stack axes
     return z.with_parts(w, [p[sl] for p in z.parts])
@@ -291,7 +324,14 @@ def dynamic_slice_stack(z: Lazy, starts, sizes) -> Lazy | None:
     zero = jnp.zeros((), jnp.result_type(*starts) if starts else jnp.int32)
     parts = [lax.dynamic_slice(p, s_starts + [zero] * (p.ndim - m.ns), s_sizes + p.shape[m.ns:])
              for p in z.parts]
-    return z.with_parts(lax.dynamic_slice(z.w, starts, sizes), parts)
+    w = z.w
+    if isinstance(w, QuantizedArray):
+        if not _lead_only(w, [k for k in range(len(shape)) if sizes[k] != shape[k]]):
+            return z.with_parts(lax.dynamic_slice(w.dequantize(), starts, sizes), parts)
+        n = w.lead
+        return z.with_parts(w.with_children(lambda c: lax.dynamic_slice(
+            c, list(starts[:n]) + [zero] * (c.ndim - n), tuple(sizes[:n]) + c.shape[n:])), parts)
+    return z.with_parts(lax.dynamic_slice(w, starts, sizes), parts)
 
 
 def unstack_leading(z: Lazy) -> tuple[tuple, Meta] | None:
@@ -303,6 +343,8 @@ def unstack_leading(z: Lazy) -> tuple[tuple, Meta] | None:
     m = z.meta
     if not m.axes or m.role(0) != "s":
         return None
+    if isinstance(z.w, QuantizedArray) and not z.w.lead:
+        z = dense_base(z)
     c = m.axes[0]
     parts = tuple(jnp.moveaxis(p, c, 0) for p in z.parts)
     # moving canonical axis c to the front and slicing it off shifts the ones after it down

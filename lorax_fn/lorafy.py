@@ -15,6 +15,8 @@ from . import checks, infer, inits, kinds
 from .errors import ArgumentError, LayoutError, NoAdapterWarning, RankError, TargetDtypeError, TargetError
 from .paths import leaves_with_paths
 from .kinds.full import FullWeight
+from .quant.array import is_quantized
+from .quant.tree import Quantization, as_quantization, leading_stack
 from .weight import Layout, default_layout, is_lora
 
 Targets = Union[None, str, Sequence[str], Callable[[str, Any], bool]]
@@ -157,6 +159,7 @@ def lorafy(
     alpha_pattern: Mapping[str, float] | None = None,
     variant: Any = "lora",
     trainable: Targets = None,
+    quantize: Any = None,
 ) -> Any:
     """Replace target weights of ``params`` by :class:`LoraWeight` (frozen base + ``a``, ``b``).
 
@@ -211,6 +214,16 @@ def lorafy(
         Each becomes a :class:`FullWeight`, which the optimizer trains,
         ``save_adapters`` stores and ``merge`` unwraps. A leaf both targeted
         explicitly and named here is an error.
+      quantize: store each adapted base quantised (QLoRA): ``"nf4"`` (4-bit
+        NormalFloat, blocks of 64, double-quantised scales), ``"int8"``, or an
+        :class:`Quantization`. The adapter is initialised on the dequantised
+        base, so ``merge`` at init gives that base back; under :func:`lora` it
+        is dequantised inside each matmul, one layer at a time in a scanned
+        stack (its stack axes are coded slice by slice). Targets that are
+        already :class:`QuantizedArray` leaves (from :func:`quantize`) keep
+        their codes. With a quantised base, differentiate with respect to the
+        trainable part only (``lf.split``), as ``jax.grad`` takes no integer
+        leaves.
 
     Returns:
       A pytree of ``params``'s structure with ``LoraWeight`` nodes at the targets.
@@ -235,6 +248,8 @@ def lorafy(
         not defined for (MoRA on a convolution), or ``trainable`` matched no
         leaf or overlaps explicit ``targets``.
       LayoutError: a layout does not fit its weight's shape.
+      ArgumentError: ``quantize`` is not a codebook name or ``Quantization``,
+        or the variant's kind does not take a quantised base.
 
     Warns:
       NoAdapterWarning: no leaf was adapted (all too small for ``rank``, or
@@ -259,11 +274,15 @@ def lorafy(
     alphas = _Patterns("alpha_pattern", alpha_pattern, lambda v, k: checks.alpha(v, f"alpha_pattern[{k!r}]"))
     dtype = None if dtype is None else checks.float_dtype(dtype, min_bits=16)
     key = jax.random.key(0) if key is None else checks.prng_key(key)
-    flat, treedef = leaves_with_paths(params, is_leaf=is_lora)
+    quant = as_quantization(quantize)
+    if quant is not None and not getattr(node_cls, "quantizable", False):
+        raise ArgumentError(f"the {node_cls.kind} adapter kind does not take a quantised base "
+                            f"({node_cls.__name__} does not declare quantizable=True); drop quantize=")
+    flat, treedef = leaves_with_paths(params, is_leaf=_is_node)
     paths = [p for p, _ in flat]
     want, skip = _matcher(targets, "targets"), _matcher(exclude, "exclude")
     full = _matcher(trainable, "trainable")
-    seen = infer.observe(fn, params, is_leaf=is_lora) if fn is not None else None
+    seen = infer.observe(fn, params, is_leaf=_is_node) if fn is not None else None
 
     chosen, too_small, excluded, trained = [], [], 0, []
     for i, (path, leaf) in enumerate(flat):
@@ -344,12 +363,31 @@ def lorafy(
                       + ". Pass `targets` to choose leaves explicitly.", stacklevel=2)
     new = [leaf for _, leaf in flat]
     for i in trained:
+        if is_quantized(new[i]):
+            raise TargetError(f"'{paths[i]}' is quantised and cannot train in full; dequantize it first")
         new[i] = FullWeight(new[i])
     for n, (i, path, leaf, lay, fan_in, rank, alpha) in enumerate(chosen):
-        k, adapter_dtype = jax.random.fold_in(key, n), leaf.dtype if dtype is None else dtype
-        new[i] = node_cls.create(leaf, lay, k, rank=rank, alpha=alpha, dtype=adapter_dtype, init=init,
-                                 config=cfg, path=path)
+        k = jax.random.fold_in(key, n)
+        coded = quant.apply(leaf, leading_stack(lay.stack), path) if quant is not None else leaf
+        if is_quantized(coded) and not getattr(node_cls, "quantizable", False):
+            raise TargetError(f"'{path}' is quantised, and the {node_cls.kind} adapter kind does not take "
+                              "a quantised base; exclude it or dequantize it first")
+        base = coded.dequantize() if is_quantized(coded) else leaf
+        adapter_dtype = jnp.dtype(leaf.dtype) if dtype is None else dtype
+        node = node_cls.create(base, lay, k, rank=rank, alpha=alpha, dtype=adapter_dtype, init=init,
+                               config=cfg, path=path)
+        if is_quantized(coded):
+            # a kind that keeps the base as given keeps its codes; one that rewrote it (PiSSA's
+            # residual) gets the rewritten base quantised with the same settings
+            spec = quant if quant is not None else Quantization(coded.codebook, coded.block_size,
+                                                                coded.double_quant, coded.dtype)
+            node = node.replace(w=coded if node.w is base else spec.apply(node.w, coded.lead, path))
+        new[i] = node
     return jax.tree_util.tree_unflatten(treedef, new)
+
+
+def _is_node(x: Any) -> bool:
+    return is_lora(x) or is_quantized(x)
 
 
 def _check_primitives(node_cls, path: str, uses: list) -> None:

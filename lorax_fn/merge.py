@@ -12,6 +12,8 @@ from . import checks
 from . import lazy as lz
 from .errors import StructureError
 from .paths import path_str
+from .quant.array import is_quantized
+from .quant.tree import dequantize
 from .weight import is_lora
 
 
@@ -28,6 +30,8 @@ def merge(tree: Any, *, donate: bool = False, dtype: Any = None) -> Any:
 
     Args:
       tree: a pytree with :class:`LoraWeight` nodes (other leaves pass through).
+        Quantised bases and :class:`QuantizedArray` leaves are dequantised
+        (to ``dtype``, else their own), then merged; ``donate`` is then moot.
       donate: write each merged weight into its base weight's buffer instead of
         a new one (``jax.jit`` buffer donation), so switching to inference takes
         no second copy of the adapted weights. The adapted ``w`` arrays of
@@ -63,6 +67,10 @@ def merge(tree: Any, *, donate: bool = False, dtype: Any = None) -> Any:
         >>> lp["w"].w.is_deleted()
         True
     """
+    if any(is_quantized(x) or (is_lora(x) and is_quantized(x.w))
+           for x in jax.tree.leaves(tree, is_leaf=_is_node)):
+        # codes are no buffer a dense weight can take over: dequantise, then merge without donation
+        return merge(dequantize(tree, dtype), dtype=dtype)
     leaves, treedef = jax.tree_util.tree_flatten_with_path(tree, is_leaf=is_lora)
     nodes = [(path_str(k), x) for k, x in leaves if is_lora(x)]
     for path, x in nodes:
@@ -84,6 +92,10 @@ def merge(tree: Any, *, donate: bool = False, dtype: Any = None) -> Any:
     merged = iter(_merge_into_bases([w for _, w in given.values()], [w for _, w in kept.values()],
                                     [x.replace(w=None) for _, x in nodes], tuple(where)))
     return treedef.unflatten([next(merged) if is_lora(x) else x for _, x in leaves])
+
+
+def _is_node(x) -> bool:
+    return is_lora(x) or is_quantized(x)
 
 
 def _check_base(path: str, x) -> None:

@@ -22,7 +22,9 @@ def _labels(tree: Any, trainable: Targets) -> Any:
     out = []
     for path, leaf in flat:
         if is_lora(leaf):
-            out.append(leaf.replace(**{n: n in leaf.trainable for n in leaf.children}))
+            # a child that is itself a tree (a quantised base) gets one flag per leaf
+            out.append(leaf.replace(**{n: jax.tree.map(lambda _, t=n in leaf.trainable: t, getattr(leaf, n))
+                                       for n in leaf.children}))
         else:
             out.append(bool(extra is not None and extra(path, leaf)))
     return jax.tree_util.tree_unflatten(treedef, out)

@@ -20,6 +20,7 @@ from . import lazy as lz
 from .interpret import bind
 from .errors import TargetError
 from .lazy import Lazy
+from .quant.array import QuantizedArray
 
 LETTERS = string.ascii_letters.replace("R", "")  # 'R' is left for a kind's own axis (LoRA's rank)
 
@@ -78,7 +79,8 @@ def _dynamic_slice(ctx, eqn, invals):
 
 def _sharding_constraint(ctx, eqn, invals):
     z = invals[0]
-    w = bind(eqn, z.w)
+    # a coded base keeps its codes' placement: constraining it would dequantise it whole
+    w = z.w if isinstance(z.w, QuantizedArray) else bind(eqn, z.w)
     parts = z.parts
     sharding = eqn.params.get("sharding")
     spec = getattr(sharding, "spec", None)
@@ -158,7 +160,7 @@ def dot_general_parts(ctx, eqn, invals):
     rfree = [rl[k] for k in range(len(rl)) if k not in rc and k not in rb]
     out = "".join([ll[k] for k in lb] + lfree + rfree)
     _supported(z, eqn)
-    return m.kind.dot_general(ctx, Dot(eqn, x, z, z_is_lhs, mode, xl, zl, out))
+    return m.kind.dot_general(ctx, Dot(eqn, x, lz.dense_base(z), z_is_lhs, mode, xl, zl, out))
 
 
 def _dot_general(ctx, eqn, invals):
@@ -183,7 +185,7 @@ def _conv(ctx, eqn, invals):
     if _is_lazy(x):
         return None
     _supported(z, eqn)
-    out = z.meta.kind.conv(ctx, eqn, x, z)
+    out = z.meta.kind.conv(ctx, eqn, x, lz.dense_base(z))
     return None if out is None else [out]
 
 
@@ -198,7 +200,7 @@ def _gather(ctx, eqn, invals):
     if {z.meta.role(k) for k in indexed} == {"s"}:
         return _gather_stack(eqn, z, idx)
     _supported(z, eqn)
-    out = z.meta.kind.gather(ctx, eqn, z, idx)
+    out = z.meta.kind.gather(ctx, eqn, lz.dense_base(z), idx)
     return None if out is None else [out]
 
 
@@ -223,7 +225,7 @@ def _gather_stack(eqn, z, idx):
         if p["slice_sizes"][k] != (1 if k in collapsed else z.shape[k]):
             return None
     cc = sorted(m.axes[k] for k in collapsed)
-    w = bind(eqn, z.w, idx)
+    w = bind(eqn, lz.dense_base(z).w, idx)
     nb = w.ndim - len(dn.offset_dims)
 
     def factor(f):

@@ -90,6 +90,9 @@ class Adapter:
     - ``primitives``: the consuming primitives it is defined for (a use by
       another one is refused at ``lorafy`` time when ``fn=`` shows it, and when
       traced);
+    - ``quantizable``: whether ``w`` may be a :class:`QuantizedArray`
+      (QLoRA). The interpreter dequantises it before any hook sees the lazy
+      value, so a kind only declares it (default ``False``);
 
     and implements the hooks ``create`` (initialise from a base weight),
     ``child_shapes`` (what ``load_adapters`` checks), ``delta`` or ``dense``
@@ -116,6 +119,7 @@ class Adapter:
     static: tuple[str, ...] = ("layout",)
     axes: dict = {}
     primitives: frozenset = frozenset({"dot_general", "conv_general_dilated", "gather"})
+    quantizable: bool = False
 
     def __init_subclass__(cls, **kwargs):
         super().__init_subclass__(**kwargs)
@@ -292,7 +296,8 @@ class Adapter:
         dt = getattr(self.w, "dtype", type(self.w).__name__)
         more = ", ".join(f"{n}={v!r}" for n, v in self.config.items() if n != "layout")
         return (f"{type(self).__name__}(shape={getattr(self.w, 'shape', '?')}, dtype={dt}"
-                + (f", {more}" if more else "") + f"{stack}, in={lay.inputs}, out={lay.outputs})")
+                + (f", {more}" if more else "") + f"{stack}, in={lay.inputs}, out={lay.outputs}"
+                + (f", base={self.w.codebook}" if hasattr(self.w, "codebook") else "") + ")")
 
 
 def is_lora(x: Any) -> bool:

@@ -47,11 +47,24 @@ def test_standard_set_runs_and_writes_docs(tmp_path):
 
 
 @pytest.mark.parametrize("script", ["train_step.py", "merge_overhead.py", "scaling.py", "bench.py",
-                                    "torch_peft.py"])
+                                    "torch_peft.py", "qlora.py"])
 def test_help(script):
     proc = subprocess.run([sys.executable, os.path.join(BENCH, script), "--help"],
                           capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0 and "usage" in proc.stdout
+
+
+def test_qlora_benchmark_runs_every_part_and_checks_its_bars(tmp_path):
+    out = tmp_path / "qlora.jsonl"
+    proc = subprocess.run([sys.executable, os.path.join(BENCH, "qlora.py"), *TINY, "--steps", "2",
+                           "--big-layers", "1", "--big-d-model", "64", "--big-heads", "2", "--big-mlp", "128",
+                           "--big-vocab", "128", "--quant-repeats", "1", "--json", str(out)],
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    recs = [json.loads(line) for line in out.read_text().splitlines()]
+    assert not [r for r in recs if r.get("error")]
+    assert "NF4+DQ ≤ 0.135× float32 (≤ 0.27× bfloat16): True" in proc.stdout
+    assert "| QLoRA" in proc.stdout
 
 
 needs_peft = pytest.mark.skipif(not os.path.exists(PEFT_PYTHON),

@@ -45,6 +45,7 @@ class DoraWeight(Adapter):
     trainable = ("a", "b", "m")
     static = ("rank", "alpha", "layout", "variant")
     axes = {"a": "sir", "b": "sro", "m": "so"}
+    quantizable = True
 
     def __init__(self, w, a, b, m, *, rank: int, alpha: float, layout: Layout, variant: str = "lora"):
         super().__init__(w, a=a, b=b, m=m, rank=int(rank), alpha=float(alpha), layout=layout, variant=variant)

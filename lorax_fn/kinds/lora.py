@@ -57,6 +57,7 @@ class LoraWeight(Adapter):
     trainable = ("a", "b")
     static = ("rank", "alpha", "layout", "variant")
     axes = {"a": "sir", "b": "sro"}
+    quantizable = True
 
     def __init__(self, w: Any, a: Any, b: Any, *, rank: int, alpha: float,
                  layout: Layout, variant: str = "lora"):
@@ -73,7 +74,8 @@ class LoraWeight(Adapter):
         dt = getattr(self.w, "dtype", type(self.w).__name__)
         return (f"{type(self).__name__}(shape={getattr(self.w, 'shape', '?')}, dtype={dt}, rank={self.rank}, "
                 f"alpha={self.alpha:g}{stack}, in={lay.inputs}, out={lay.outputs}"
-                + (f", variant={self.variant}" if self.variant != "lora" else "") + ")")
+                + (f", variant={self.variant}" if self.variant != "lora" else "")
+                + (f", base={self.w.codebook}" if hasattr(self.w, "codebook") else "") + ")")
 
     # -- the kind's hooks ---------------------------------------------------
     @classmethod

@@ -55,6 +55,7 @@ class MoraWeight(Adapter):
     trainable = ("m",)
     static = ("rank", "square", "type", "layout")
     axes = {"m": "spq"}
+    quantizable = True
     primitives = frozenset({"dot_general"})
 
     def __init__(self, w, m, *, rank: int, square: int, type: int, layout: Layout):

@@ -1,2 +1,2 @@
-"""Quantised base weights (QLoRA): codecs first; the ``QuantizedArray`` node and the
-``lorafy``/``lora`` integration follow (see the QLoRA issue)."""
+"""Quantised base weights (QLoRA): the NF4 and int8 codecs, the ``QuantizedArray`` node, and
+``quantize``/``dequantize`` over trees."""

@@ -84,16 +84,21 @@ class NF4(NamedTuple):
     dtype: Any  # the dtype dequantisation returns by default
 
 
-def codes(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """``(codes uint8 (n,), absmax float32 (nb,))`` of ``x`` flattened in C order."""
+def blocks(x: np.ndarray, block: int) -> tuple[np.ndarray, np.ndarray, int]:
+    """``x`` flattened in C order as ``(nb, block)`` rows (a short last block padded with 0),
+    each row's absmax (float32) and the number of values."""
     x = np.asarray(x, np.float32).reshape(-1)
     n = x.size
-    nb = -(-n // BLOCK)
-    short = n % BLOCK
-    xp = np.zeros(nb * BLOCK, np.float32)
+    xp = np.zeros(-(-n // block) * block, np.float32)
     xp[:n] = x
-    xp = xp.reshape(nb, BLOCK)
-    absmax = np.max(np.abs(xp), axis=1).astype(np.float32)
+    xp = xp.reshape(-1, block)
+    return xp, np.max(np.abs(xp), axis=1).astype(np.float32), n
+
+
+def codes(x: np.ndarray, block: int = BLOCK) -> tuple[np.ndarray, np.ndarray]:
+    """``(codes uint8 (n,), absmax float32 (nb,))`` of ``x`` flattened in C order, blocks of ``block``."""
+    xp, absmax, n = blocks(x, block)
+    short = n % block
     denom = np.maximum(absmax, _TINY)
     with np.errstate(over="ignore"):
         recip = (np.float32(1.0) / denom).astype(np.float32)
@@ -151,10 +156,10 @@ def quantize_absmax(absmax: np.ndarray, offset: Any = None) -> tuple[np.ndarray,
     return q.reshape(-1)[:nb], nested, off
 
 
-def quantize(x: Any, double_quant: bool = True, offset: Any = None) -> NF4:
+def quantize(x: Any, double_quant: bool = True, offset: Any = None, block: int = BLOCK) -> NF4:
     """NF4 codes of ``x`` (any float array; bfloat16/float16 convert to float32 exactly)."""
     arr = np.asarray(x)
-    c, absmax = codes(arr.astype(np.float32))
+    c, absmax = codes(arr.astype(np.float32), block)
     packed = pack(c)
     if not double_quant:
         return NF4(packed, absmax, None, None, None, tuple(arr.shape), arr.dtype)

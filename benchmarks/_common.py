@@ -124,6 +124,18 @@ def emit(record: dict[str, Any]) -> None:
     print("BENCH " + json.dumps(record, sort_keys=True), flush=True)
 
 
+def finish(recs: list[dict[str, Any]], report: str, json_path: str | None) -> list[dict[str, Any]]:
+    """Print every record (``BENCH`` lines), then the report; write the records as JSON lines too."""
+    for r in recs:
+        emit(r)
+    print()
+    print(report)
+    if json_path:
+        with open(json_path, "w") as f:
+            f.writelines(json.dumps(r, sort_keys=True) + "\n" for r in recs)
+    return recs
+
+
 def run_child(argv: list[str], timeout: float = 1200, python: str | None = None,
               env: dict[str, str] | None = None) -> list[dict[str, Any]]:
     """Run a benchmark configuration in its own process; return its records.

@@ -47,7 +47,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import json
 import math
 import os
 import statistics
@@ -358,14 +357,7 @@ def main(argv=None) -> list[dict]:
             r.setdefault("label", LABELS.get(config, config))
         recs += got
     recs = derive(recs)
-    for r in recs:
-        C.emit(r)
-    print()
-    print(report(recs))
-    if a.json:
-        with open(a.json, "w") as f:
-            f.writelines(json.dumps(r, sort_keys=True) + "\n" for r in recs)
-    return recs
+    return C.finish(recs, report(recs), a.json)
 
 
 if __name__ == "__main__":

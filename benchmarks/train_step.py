@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import json
 import os
 import re
 import sys
@@ -357,14 +356,7 @@ def main(argv=None) -> list[dict]:
         C.emit(run_one(a))
         return []
     recs = run_all(a)
-    for r in recs:
-        C.emit(r)
-    print()
-    print(C.table(recs, COLUMNS))
-    if a.json:
-        with open(a.json, "w") as f:
-            f.writelines(json.dumps(r, sort_keys=True) + "\n" for r in recs)
-    return recs
+    return C.finish(recs, C.table(recs, COLUMNS), a.json)
 
 
 if __name__ == "__main__":

@@ -37,7 +37,7 @@ from .lorafy import Targets, _matcher
 from .paths import leaves_with_paths
 from .sharding_rules import adapter_shardings, leaf_sharding
 from .quant.array import QuantizedArray, is_quantized, quantize_array
-from .weight import Layout, is_lora
+from .weight import Layout, is_lora, is_node
 
 FORMAT = "lorax_fn.adapters"
 # 2: the config carries ``config_crc32``; version-1 configs (without it) still load.
@@ -383,7 +383,7 @@ def plan(config: dict, base: Any, where: str, shardings: Any = None) -> Plan:
         leaves have the path of a checkpoint entry.
       CheckpointError: the config contradicts itself.
     """
-    flat, treedef = leaves_with_paths(base, is_leaf=lambda x: is_lora(x) or is_quantized(x))
+    flat, treedef = leaves_with_paths(base, is_leaf=is_node)
     index = {p: i for i, (p, _) in enumerate(flat)}
     counts = collections.Counter(p for p, _ in flat)
     leaves = [x for _, x in flat]

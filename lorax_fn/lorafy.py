@@ -17,7 +17,7 @@ from .paths import leaves_with_paths
 from .kinds.full import FullWeight
 from .quant.array import is_quantized
 from .quant.tree import Quantization, as_quantization, leading_stack
-from .weight import Layout, default_layout, is_lora
+from .weight import Layout, default_layout, is_lora, is_node
 
 Targets = Union[None, str, Sequence[str], Callable[[str, Any], bool]]
 LayoutSpec = Union[None, Layout, Sequence, Mapping[str, Any], Callable[[str, Any], Any]]
@@ -278,11 +278,11 @@ def lorafy(
     if quant is not None and not getattr(node_cls, "quantizable", False):
         raise ArgumentError(f"the {node_cls.kind} adapter kind does not take a quantised base "
                             f"({node_cls.__name__} does not declare quantizable=True); drop quantize=")
-    flat, treedef = leaves_with_paths(params, is_leaf=_is_node)
+    flat, treedef = leaves_with_paths(params, is_leaf=is_node)
     paths = [p for p, _ in flat]
     want, skip = _matcher(targets, "targets"), _matcher(exclude, "exclude")
     full = _matcher(trainable, "trainable")
-    seen = infer.observe(fn, params, is_leaf=_is_node) if fn is not None else None
+    seen = infer.observe(fn, params, is_leaf=is_node) if fn is not None else None
 
     chosen, too_small, excluded, trained = [], [], 0, []
     for i, (path, leaf) in enumerate(flat):
@@ -385,9 +385,6 @@ def lorafy(
         new[i] = node
     return jax.tree_util.tree_unflatten(treedef, new)
 
-
-def _is_node(x: Any) -> bool:
-    return is_lora(x) or is_quantized(x)
 
 
 def _check_primitives(node_cls, path: str, uses: list) -> None:

@@ -14,7 +14,7 @@ from .errors import StructureError
 from .paths import path_str
 from .quant.array import is_quantized
 from .quant.tree import dequantize
-from .weight import is_lora
+from .weight import is_lora, is_node
 
 
 def merge(tree: Any, *, donate: bool = False, dtype: Any = None) -> Any:
@@ -68,7 +68,7 @@ def merge(tree: Any, *, donate: bool = False, dtype: Any = None) -> Any:
         True
     """
     if any(is_quantized(x) or (is_lora(x) and is_quantized(x.w))
-           for x in jax.tree.leaves(tree, is_leaf=_is_node)):
+           for x in jax.tree.leaves(tree, is_leaf=is_node)):
         # codes are no buffer a dense weight can take over: dequantise, then merge without donation
         return merge(dequantize(tree, dtype), dtype=dtype)
     leaves, treedef = jax.tree_util.tree_flatten_with_path(tree, is_leaf=is_lora)
@@ -92,10 +92,6 @@ def merge(tree: Any, *, donate: bool = False, dtype: Any = None) -> Any:
     merged = iter(_merge_into_bases([w for _, w in given.values()], [w for _, w in kept.values()],
                                     [x.replace(w=None) for _, x in nodes], tuple(where)))
     return treedef.unflatten([next(merged) if is_lora(x) else x for _, x in leaves])
-
-
-def _is_node(x) -> bool:
-    return is_lora(x) or is_quantized(x)
 
 
 def _check_base(path: str, x) -> None:

@@ -13,6 +13,7 @@ from __future__ import annotations
 import string
 from typing import Any, NamedTuple
 
+import jax
 import jax.numpy as jnp
 from jax import lax
 
@@ -160,7 +161,24 @@ def dot_general_parts(ctx, eqn, invals):
     rfree = [rl[k] for k in range(len(rl)) if k not in rc and k not in rb]
     out = "".join([ll[k] for k in lb] + lfree + rfree)
     _supported(z, eqn)
-    return m.kind.dot_general(ctx, Dot(eqn, x, lz.dense_base(z), z_is_lhs, mode, xl, zl, out))
+    return _on_dense_base(lambda x_, z_: m.kind.dot_general(ctx, Dot(eqn, x_, z_, z_is_lhs, mode, xl, zl, out)),
+                          x, z)
+
+
+def _on_dense_base(use, x, z):
+    """``use(x, z)`` with ``z``'s base dense: the kinds' rules never see codes.
+
+    A quantised base is dequantised inside a rematerialised region. The dense
+    weight depends on no differentiated input, so JAX would otherwise compute
+    it in the forward pass and keep it for the backward one (``x``'s cotangent
+    needs it): a dense copy of every layer of a scanned stack. Here the
+    backward pass dequantises again from the codes, as QLoRA does, and
+    recomputes nothing else of size (the dense product is not needed there).
+    """
+    if not isinstance(z.w, QuantizedArray):
+        return use(x, z)
+    return jax.checkpoint(lambda x_, z_: use(x_, lz.dense_base(z_)),
+                          policy=jax.checkpoint_policies.nothing_saveable)(x, z)
 
 
 def _dot_general(ctx, eqn, invals):
@@ -185,7 +203,7 @@ def _conv(ctx, eqn, invals):
     if _is_lazy(x):
         return None
     _supported(z, eqn)
-    out = z.meta.kind.conv(ctx, eqn, x, lz.dense_base(z))
+    out = _on_dense_base(lambda x_, z_: z.meta.kind.conv(ctx, eqn, x_, z_), x, z)
     return None if out is None else [out]
 
 
@@ -200,7 +218,7 @@ def _gather(ctx, eqn, invals):
     if {z.meta.role(k) for k in indexed} == {"s"}:
         return _gather_stack(eqn, z, idx)
     _supported(z, eqn)
-    out = z.meta.kind.gather(ctx, eqn, lz.dense_base(z), idx)
+    out = _on_dense_base(lambda i_, z_: z.meta.kind.gather(ctx, eqn, z_, i_), idx, z)
     return None if out is None else [out]
 
 

@@ -15,13 +15,8 @@ from . import checks
 from .errors import ArgumentError, NoAdapterWarning
 from .interpret import Context, Use, run_closed
 from .paths import path_str
-from .quant.array import is_quantized
-from .weight import is_lora
-
-
-def _is_node(x: Any) -> bool:
-    """An adapter node or a quantised weight: each enters the interpreter as one lazy value."""
-    return is_lora(x) or is_quantized(x)
+from .quant import frozen
+from .weight import is_lora, is_node
 
 
 def _is_array(x: Any) -> bool:
@@ -30,10 +25,10 @@ def _is_array(x: Any) -> bool:
 
 def _prepare(args, kwargs):
     """Split the call's leaves into LoRA weights, arrays and static Python values."""
-    flat, treedef = jax.tree_util.tree_flatten((args, kwargs), is_leaf=_is_node)
+    flat, treedef = jax.tree_util.tree_flatten((args, kwargs), is_leaf=is_node)
     kinds, dynamic, statics, avals = [], [], [], []
     for leaf in flat:
-        if _is_node(leaf):
+        if is_node(leaf):
             kinds.append("lora" if is_lora(leaf) else "quantized")
             dynamic.append(leaf)
             avals.append(jax.ShapeDtypeStruct(leaf.shape, leaf.dtype))
@@ -50,10 +45,10 @@ def _prepare(args, kwargs):
 
 def _paths(args, kwargs) -> list:
     """Parameter path of every dynamic leaf (None for plain arrays), relative to its argument."""
-    flat = jax.tree_util.tree_flatten_with_path((args, kwargs), is_leaf=_is_node)[0]
+    flat = jax.tree_util.tree_flatten_with_path((args, kwargs), is_leaf=is_node)[0]
     out = []
     for keypath, leaf in flat:
-        if _is_node(leaf):
+        if is_node(leaf):
             # relative to the first positional argument (the params, by convention); other
             # arguments keep their index or keyword name so that two trees stay apart
             first = keypath[0].idx == 0 and keypath[1].idx == 0
@@ -96,7 +91,6 @@ def _warn_no_adapter(fn: Callable) -> None:
 
 
 def _interpret(closed, ctx: Context, kinds, paths, rate, dynamic, key=None):
-    from .quant import frozen
     invals = [type(x).enter(x, p) if k == "lora" else frozen.enter(x, p) if k == "quantized" else x
               for x, k, p in zip(dynamic, [k for k in kinds if k != "static"], paths)]
     with ctx.dropping(rate, key):

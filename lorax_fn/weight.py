@@ -11,6 +11,7 @@ from jax.tree_util import GetAttrKey
 
 from . import lazy as lz
 from .errors import ArgumentError, LayoutError
+from .quant.array import QuantizedArray
 
 
 class Layout(NamedTuple):
@@ -298,6 +299,12 @@ class Adapter:
         return (f"{type(self).__name__}(shape={getattr(self.w, 'shape', '?')}, dtype={dt}"
                 + (f", {more}" if more else "") + f"{stack}, in={lay.inputs}, out={lay.outputs}"
                 + (f", base={self.w.codebook}" if hasattr(self.w, "codebook") else "") + ")")
+
+
+def is_node(x: Any) -> bool:
+    """An adapter node or a :class:`QuantizedArray`: what tree walks stop at (internal), each one
+    weight that :func:`lorax_fn.lora` runs as a single lazy value."""
+    return isinstance(x, (Adapter, QuantizedArray))
 
 
 def is_lora(x: Any) -> bool:

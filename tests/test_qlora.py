@@ -123,6 +123,35 @@ def test_scanned_step_holds_no_dense_copy_of_the_stacked_base():
     assert f"f32[{D},{H}]" in hlo   # one layer's dense kernel, inside the loop
 
 
+def test_without_remat_the_backward_pass_dequantises_again_instead_of_keeping_dense_layers():
+    class Plain(nn.Module):   # no nn.remat: JAX would keep every layer's dense base for the backward pass
+        @nn.compact
+        def __call__(self, x):
+            layers = nn.scan(Block, variable_axes={"params": 0}, split_rngs={"params": True}, length=L)
+            return layers(name="layers")(x, None)[0]
+
+    model = Plain()
+    params = model.init(jax.random.key(0), X)["params"]
+    run = lambda p, x: model.apply({"params": p}, x)  # noqa: E731
+    lp = _perturbed(lf.lorafy(params, rank=4, fn=lambda p: run(p, X), quantize="nf4"))
+    train, frozen = lf.split(lp)
+    loss = lambda t, f: jnp.sum(lf.lora(run)(lf.combine(t, f), X) ** 2)  # noqa: E731
+    hlo = jax.jit(jax.grad(loss)).lower(train, frozen).compile().as_text()
+    for shape in (f"[{L},{D},{H}]", f"[{L},{H},{D}]"):
+        assert f"f32{shape}" not in hlo
+    # and the gradient is the merged dense model's
+    got = jax.grad(loss)(train, frozen)
+    dense = lf.merge(lp)
+    a_up = lp["layers"]["up"]["kernel"]
+    def dense_loss(b):
+        p = jax.tree.map(lambda x: x, dense)
+        p["layers"]["up"]["kernel"] = dense["layers"]["up"]["kernel"] + a_up.scale * jnp.einsum(
+            "lir,lro->lio", a_up.a, b - a_up.b)
+        return jnp.sum(run(p, X) ** 2)
+    want = jax.grad(dense_loss)(a_up.b)
+    chex.assert_trees_all_close(got["layers"]["up"]["kernel"].b, want, atol=1e-3, rtol=1e-4)
+
+
 def test_compute_dtype_follows_the_quantisation_setting():
     lp = lf.lorafy(PARAMS, rank=4, quantize=lf.Quantization(dtype=jnp.bfloat16), dtype=jnp.float32)
     node = lp["head"]["kernel"]

@@ -11,7 +11,7 @@ import jax.numpy as jnp
 from .. import checks
 from ..errors import ArgumentError, TargetDtypeError, TargetError
 from ..paths import leaves_with_paths
-from ..weight import is_lora
+from ..weight import is_lora, is_node
 from . import nf4
 from .array import CODEBOOKS, QuantizedArray, is_quantized, quantize_array
 
@@ -86,10 +86,6 @@ def leading_stack(stack) -> int:
     return n
 
 
-def _is_node(x: Any) -> bool:
-    return is_lora(x) or is_quantized(x)
-
-
 def quantize(tree: Any, codebook: str = "nf4", *, targets: Any = None, exclude: Any = None,
              block_size: int = nf4.BLOCK, double_quant: bool = True, dtype: Any = None,
              fn: Callable[[Any], Any] | None = None) -> Any:
@@ -139,8 +135,8 @@ def quantize(tree: Any, codebook: str = "nf4", *, targets: Any = None, exclude: 
 
     spec = Quantization(codebook, block_size, double_quant, dtype).checked()
     want, skip = _matcher(targets, "targets"), _matcher(exclude, "exclude")
-    flat, treedef = leaves_with_paths(tree, is_leaf=_is_node)
-    seen = infer.observe(fn, tree, is_leaf=_is_node) if fn is not None else {}
+    flat, treedef = leaves_with_paths(tree, is_leaf=is_node)
+    seen = infer.observe(fn, tree, is_leaf=is_node) if fn is not None else {}
     out, matched = [], 0
     for i, (path, leaf) in enumerate(flat):
         if is_quantized(leaf) or (skip is not None and skip(path, leaf)):
@@ -200,4 +196,4 @@ def dequantize(tree: Any, dtype: Any = None) -> Any:
             return x.replace(w=x.w.dequantize(dtype))
         return x
 
-    return jax.tree.map(one, tree, is_leaf=_is_node)
+    return jax.tree.map(one, tree, is_leaf=is_node)
